@@ -120,6 +120,8 @@ class LLMEngine:
 
     def tokenize(self, prompt: PromptType) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty; send at least one character or token id")
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -194,7 +196,7 @@ class LLMEngine:
             return []
 
         params = {s.request.request_id: self._states[s.request.request_id].params for s in output.scheduled}
-        sampled = self.runner.execute(output, params)
+        sampled = self.runner.execute(output, params, self._suppressed_tokens(output))
         for request_id, token in sampled.items():
             state = self._states[request_id]
             if state.logprobs is not None:
@@ -217,6 +219,20 @@ class LLMEngine:
                     self.scheduler.finish_request(request_id, "stop", self.now())
             results.append(self._make_output(state))
         return results
+
+    def _suppressed_tokens(self, output) -> dict[str, list[int]]:
+        """EOS and stop token ids of requests that have fewer than min_tokens output tokens (as in vLLM)."""
+        suppressed = {}
+        for item in output.scheduled:
+            request = item.request
+            stop = request.stop
+            if item.samples and request.num_output_tokens < stop.min_tokens:
+                ids = list(stop.stop_token_ids)
+                if not stop.ignore_eos and stop.eos_token_id is not None:
+                    ids.append(stop.eos_token_id)
+                if ids:
+                    suppressed[request.request_id] = ids
+        return suppressed
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         request = state.request

@@ -18,7 +18,7 @@ class StopCriteria:
     """Token-level stop rules; stop strings are applied by the engine's detokenizer."""
 
     max_tokens: int  # maximum number of output tokens
-    min_tokens: int = 0  # output tokens before EOS or a stop token may end the request
+    min_tokens: int = 0  # output tokens that must exist before EOS or a stop token id may be produced
     eos_token_id: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -90,7 +90,7 @@ class Request:
     def check_stop(self, token_id: int) -> str | None:
         """Return the finish reason that `token_id`, just appended, causes, or None."""
         num_output = len(self.output_token_ids)
-        if num_output >= self.stop.min_tokens:
+        if num_output > self.stop.min_tokens:
             if not self.stop.ignore_eos and token_id == self.stop.eos_token_id:
                 return "stop"
             if token_id in self.stop.stop_token_ids:

@@ -336,6 +336,26 @@ class Scheduler:
         """Records of every request seen so far, finished or not, in arrival order."""
         return [to_record(request) for request in self.requests.values()]
 
+    # bounded history, for long-running servers
+
+    def pop_finished(self) -> list[Request]:
+        """Remove the finished requests from `requests` and `finished` and return them, oldest first.
+
+        A long-running server calls this after every step so that memory stays bounded;
+        `request_records()` no longer lists the removed requests.
+        """
+        finished = list(self.finished)
+        self.finished.clear()
+        for request in finished:
+            self.requests.pop(request.request_id, None)
+        return finished
+
+    def pop_step_records(self) -> list[StepRecord]:
+        """Remove and return the step records collected so far, oldest first."""
+        records = list(self.step_records)
+        self.step_records.clear()
+        return records
+
 
 def to_record(request: Request) -> RequestRecord:
     return RequestRecord(

@@ -75,8 +75,16 @@ class ModelRunner:
         self._generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput, params: dict[str, SamplingParams]) -> dict[str, SampledToken]:
-        """Run the step's forward pass and sample a token for each request whose chunk ends at its last token."""
+    def execute(
+        self,
+        output: SchedulerOutput,
+        params: dict[str, SamplingParams],
+        suppressed: dict[str, list[int]] | None = None,
+    ) -> dict[str, SampledToken]:
+        """Run the step's forward pass and sample a token for each request whose chunk ends at its last token.
+
+        `suppressed` maps request ids to token ids they may not sample this step.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -128,5 +136,6 @@ class ModelRunner:
             logits,
             [params[request_id] for request_id in sample_ids],
             [self._generators.get(request_id) for request_id in sample_ids],
+            [suppressed.get(request_id) for request_id in sample_ids] if suppressed else None,
         )
         return dict(zip(sample_ids, sampled))

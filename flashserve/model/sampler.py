@@ -19,9 +19,20 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    suppressed: list[list[int]] | None = None,
 ) -> list[SampledToken]:
-    """Sample one token per row of `logits` [N, vocab] under that row's SamplingParams."""
-    logits = logits.float()
+    """Sample one token per row of `logits` [N, vocab] under that row's SamplingParams.
+
+    `suppressed[i]` lists token ids that row i may not produce (EOS and stop token ids while
+    fewer than min_tokens tokens exist); log-probabilities are reported from the raw logits.
+    """
+    raw_logits = logits.float()
+    logits = raw_logits
+    if suppressed and any(suppressed):
+        logits = raw_logits.clone()
+        for row, ids in enumerate(suppressed):
+            if ids:
+                logits[row, ids] = float("-inf")
     token_ids = logits.argmax(dim=-1)
 
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -36,7 +47,7 @@ def sample(
     results = [SampledToken(token_id) for token_id in token_list]
     logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if logprob_rows:
-        logprobs = torch.log_softmax(logits[logprob_rows], dim=-1)
+        logprobs = torch.log_softmax(raw_logits[logprob_rows], dim=-1)
         for j, i in enumerate(logprob_rows):
             entry = {}
             n = params[i].logprobs

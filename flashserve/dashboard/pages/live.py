@@ -1,0 +1,3 @@
+from flashserve.dashboard.live_page import render
+
+render()

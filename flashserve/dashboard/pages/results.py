@@ -1,0 +1,3 @@
+from flashserve.dashboard.results_page import render
+
+render()
