@@ -31,7 +31,7 @@ MAX_REQUEST_HISTORY = 200  # finished-request summaries kept for /v1/stats
 
 
 class EngineUnavailable(RuntimeError):
-    """The engine loop is stopped or failed; the server answers 503."""
+    """The engine loop has stopped or failed, so the server returns 503."""
 
 
 @dataclass
@@ -85,7 +85,7 @@ def kv_fragmentation(scheduler: Scheduler) -> float:
 
 
 def summarize(record: RequestRecord) -> dict[str, Any]:
-    """A finished request as /v1/stats lists it: latencies in seconds."""
+    """Summarize a finished request as /v1/stats lists it, with latencies in seconds."""
     ttft = None if record.first_token_time is None else record.first_token_time - record.arrival_time
     e2e = None if record.finish_time is None else record.finish_time - record.arrival_time
     return {
@@ -189,7 +189,7 @@ class AsyncEngine:
         self._wakeup.set()
 
     async def stats(self, since_step: int) -> dict[str, Any]:
-        """The /v1/stats body: live queue and KV cache state, plus steps after `since_step`."""
+        """Return the /v1/stats body: live queue and KV cache state, plus the steps after `since_step`."""
         return await self._call(lambda engine: self._stats(since_step))
 
     # the loop
@@ -208,7 +208,7 @@ class AsyncEngine:
         for function, future in commands:
             try:
                 result = function(self.engine)
-            except Exception as error:  # handed to the caller, who answers the client
+            except Exception as error:  # the caller turns it into the HTTP response
                 if future is None:
                     logger.exception("engine command failed")
                 elif not future.done():
@@ -216,6 +216,15 @@ class AsyncEngine:
                 continue
             if future is not None and not future.done():
                 future.set_result(result)
+
+    def _fail_pending_commands(self) -> None:
+        """Run the queued aborts and fail the queued calls, once the loop has ended."""
+        commands, self._commands = self._commands, []
+        for function, future in commands:
+            if future is None:
+                function(self.engine)
+            elif not future.done():
+                future.set_exception(EngineUnavailable("the server is shutting down"))
 
     async def _run(self) -> None:
         engine = self.engine
@@ -233,18 +242,19 @@ class AsyncEngine:
                     outputs = await asyncio.to_thread(engine.step)
                 except Exception as error:
                     # NOTE: the step's scheduler state may be half-updated, so every unfinished
-                    # request is aborted; the engine then serves new requests from a clean cache.
+                    # request is aborted. The engine then serves new requests from a clean cache.
                     logger.exception("engine step failed; aborting %d unfinished requests",
                                      engine.get_num_unfinished_requests())
                     self._abort_all(EngineUnavailable(f"the engine step failed: {error}"))
                     continue
                 self._dispatch(outputs)
+                self._collect()  # so that commands of the next turn see this step
         except Exception:
             logger.exception("the engine loop failed; the server can no longer generate")
             self._abort_all(EngineUnavailable("the engine loop failed"))
             raise
         finally:
-            self._run_commands()
+            self._fail_pending_commands()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
@@ -288,7 +298,7 @@ class AsyncEngine:
         self._num_preemptions_seen = scheduler.num_preemptions
 
     def _abort_all(self, error: BaseException) -> None:
-        """Abort every unfinished request and end its stream with `error`. Only when no step runs."""
+        """Abort every unfinished request and end its stream with `error`. Call it only between steps."""
         engine = self.engine
         scheduler = engine.scheduler
         request_ids = [r.request_id for r in scheduler.running] + [r.request_id for r in scheduler.waiting]
@@ -329,7 +339,7 @@ class AsyncEngine:
             since_step = -1  # a cursor from another server run: send the whole history again
         steps = [step for step in self.steps if step["step"] > since_step]
         return {
-            "model": self.metrics_model_name,
+            "model": self.metrics.model_name,
             "num_running": len(scheduler.running),
             "num_waiting": len(scheduler.waiting),
             "num_preemptions": scheduler.num_preemptions,
@@ -345,7 +355,3 @@ class AsyncEngine:
             "output_tokens_total": self.output_tokens_total,
             "uptime_s": time.monotonic() - self.started_at,
         }
-
-    @property
-    def metrics_model_name(self) -> str:
-        return self.metrics.model_name

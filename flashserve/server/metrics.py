@@ -49,7 +49,7 @@ class ServerMetrics:
             "flashserve:request_success", "Finished requests by finish reason.", ["model_name", "finished_reason"],
             registry=registry,
         )
-        self._model_name = model_name
+        self.model_name = model_name
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "Time from arrival to the first output token, in seconds.", TTFT_BUCKETS
         )
@@ -62,7 +62,7 @@ class ServerMetrics:
 
     def observe_finished(self, record: RequestRecord) -> None:
         """Count a finished request and observe its latencies."""
-        self._request_success.labels(self._model_name, record.finish_reason or "unknown").inc()
+        self._request_success.labels(self.model_name, record.finish_reason or "unknown").inc()
         if record.first_token_time is not None:
             self.time_to_first_token.observe(record.first_token_time - record.arrival_time)
         for previous, current in zip(record.token_times, record.token_times[1:]):
@@ -71,5 +71,5 @@ class ServerMetrics:
             self.e2e_request_latency.observe(record.finish_time - record.arrival_time)
 
     def render(self) -> bytes:
-        """The registry in Prometheus' text exposition format."""
+        """Render the registry in Prometheus' text exposition format."""
         return generate_latest(self.registry)

@@ -11,13 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_N = 128  # maximum choices per request, OpenAI's limit
-MAX_COMPLETION_LOGPROBS = 5  # `logprobs` of /v1/completions, OpenAI's limit
-MAX_CHAT_TOP_LOGPROBS = 20  # `top_logprobs` of /v1/chat/completions, OpenAI's limit
+MAX_N = 128  # maximum choices (`n`) per prompt
+MAX_COMPLETION_LOGPROBS = 5  # maximum `logprobs` of /v1/completions
+MAX_CHAT_TOP_LOGPROBS = 20  # maximum `top_logprobs` of /v1/chat/completions
 
 
 class InvalidRequest(ValueError):
-    """A client mistake: answered with HTTP 400 (or `status_code`) and OpenAI's error body."""
+    """A client mistake. The server returns HTTP 400 (or `status_code`) with OpenAI's error body."""
 
     def __init__(self, message: str, param: str | None = None, status_code: int = 400, code: str | None = None):
         super().__init__(message)
