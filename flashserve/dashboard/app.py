@@ -21,10 +21,10 @@ settings = parse_settings(sys.argv[1:])
 st.session_state.setdefault("server_url_input", settings.server_url)
 st.session_state.setdefault("results_dir_input", settings.results_dir)
 
-pages = Path(__file__).parent / "pages"
+views = Path(__file__).resolve().parent / "views"
 page = st.navigation([
-    st.Page(pages / "live.py", title="Live server", default=True),
-    st.Page(pages / "results.py", title="Results"),
+    st.Page(views / "live.py", title="Live server", default=True),
+    st.Page(views / "results.py", title="Results"),
 ])
 
 with st.sidebar:

@@ -101,42 +101,51 @@ def _escape(text: str) -> str:
 
 # timeline charts
 
-TIME_AXIS = alt.X("time_s:Q", title="server time (s)")
+Domain = tuple[float, float]
 
 
-def throughput_chart(timeline: pd.DataFrame) -> alt.Chart:
-    return alt.Chart(timeline).mark_line(point=False).encode(
-        TIME_AXIS,
+def _time_axis(domain: Domain) -> alt.X:
+    return alt.X("time_s:Q", title="server time (s)", scale=alt.Scale(domain=list(domain), nice=False))
+
+
+def _show_points(timeline: pd.DataFrame) -> bool:
+    """Mark each bin with a dot while there are few, so that a line of one or two bins is visible."""
+    return len(timeline) <= 30
+
+
+def throughput_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
+    return alt.Chart(timeline).mark_line(point=_show_points(timeline)).encode(
+        _time_axis(domain),
         alt.Y("output_tokens_per_s:Q", title="output tokens/s"),
     ).properties(height=200, title="Output tokens per second")
 
 
-def queue_chart(timeline: pd.DataFrame) -> alt.Chart:
+def queue_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     long = timeline.melt(id_vars="time_s", value_vars=["num_running", "num_waiting"], var_name="queue",
                          value_name="requests")
     long["queue"] = long["queue"].map({"num_running": "running", "num_waiting": "waiting"})
-    return alt.Chart(long).mark_line(interpolate="step-after").encode(
-        TIME_AXIS,
-        alt.Y("requests:Q", title="requests"),
+    return alt.Chart(long).mark_line(interpolate="step-before", point=_show_points(timeline)).encode(
+        _time_axis(domain),
+        alt.Y("requests:Q", title="requests", axis=alt.Axis(tickMinStep=1, format="d")),
         alt.Color("queue:N", title=None),
     ).properties(height=200, title="Requests running and waiting")
 
 
-def kv_chart(timeline: pd.DataFrame) -> alt.Chart:
+def kv_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     long = timeline.melt(id_vars="time_s", value_vars=["kv_usage", "kv_fragmentation"], var_name="series",
                          value_name="fraction")
     long["series"] = long["series"].map({"kv_usage": "blocks used", "kv_fragmentation": "fragmentation"})
-    return alt.Chart(long).mark_line(interpolate="step-after").encode(
-        TIME_AXIS,
+    return alt.Chart(long).mark_line(interpolate="step-before", point=_show_points(timeline)).encode(
+        _time_axis(domain),
         alt.Y("fraction:Q", title=None, axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
         alt.Color("series:N", title=None),
     ).properties(height=200, title="KV cache usage and fragmentation")
 
 
-def preemption_chart(timeline: pd.DataFrame) -> alt.Chart:
+def preemption_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     return alt.Chart(timeline).mark_bar().encode(
-        TIME_AXIS,
-        alt.Y("num_preempted:Q", title="preemptions"),
+        _time_axis(domain),
+        alt.Y("num_preempted:Q", title="preemptions", axis=alt.Axis(tickMinStep=1, format="d")),
     ).properties(height=160, title="Preemptions")
 
 

@@ -28,6 +28,14 @@ class ServerClient:
         """Raise ServerUnavailable unless GET /health answers 200."""
         self._get("/health", {})
 
+    def models(self) -> list[str]:
+        """GET /v1/models: the names the server accepts as `model`."""
+        response = self._get("/v1/models", {})
+        try:
+            return [str(entry["id"]) for entry in response.json()["data"]]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ServerUnavailable(f"GET {self.base_url}/v1/models returned an invalid body: {error!r}") from None
+
     def stats(self, since_step: int) -> dict:
         """GET /v1/stats: the server's state now and the step records after `since_step`."""
         response = self._get("/v1/stats", {"since_step": since_step})

@@ -177,6 +177,12 @@ class StatsHistory:
         timeline.loc[timeline.index[-1], "output_tokens_per_s"] = np.nan
         return timeline
 
+    def time_domain(self, timeline: pd.DataFrame, min_span_s: float = 30.0) -> tuple[float, float]:
+        """The x range of the timeline charts: from its first bin (or `min_span_s` before now) to now."""
+        end = max(self.now(), float(timeline["time_s"].max()) if not timeline.empty else 0.0)
+        start = float(timeline["time_s"].min()) if not timeline.empty else end
+        return min(start, end - min_span_s), end
+
     def ttft_histogram(self, num_bins: int = 30) -> Histogram | None:
         """Time to first token of the recent finished requests, in milliseconds."""
         values = [r["ttft"] for r in self.requests.values() if r.get("ttft") is not None]

@@ -28,12 +28,11 @@ def render() -> None:
 
     st.title("Live server")
     chat_column, stats_column = st.columns([2, 3], gap="large")
+    with chat_column:
+        st.fragment(_chat_panel)(client)
     with stats_column:
-        # The stats panel runs first so that the chat knows whether the server is up.
         run_every = REFRESH_S if st.session_state["live_refresh"] else None
         st.fragment(run_every=run_every)(_stats_panel)(client, history)
-    with chat_column:
-        st.fragment(_chat_panel)(client, history)
 
 
 def _history(server_url: str, window_s: float) -> StatsHistory:
@@ -57,7 +56,6 @@ def _stats_panel(client: ServerClient, history: StatsHistory) -> None:
         _server_down(client.base_url, str(error))
         return
     except (KeyError, TypeError, ValueError) as error:
-        _set_server_up(False)
         logger.warning("invalid /v1/stats response from %s: %r", client.base_url, error)
         st.error(f"The server at {client.base_url} returned /v1/stats in an unexpected shape ({error!r}). "
                  "Is it a Flash-Serve server of the same version as this dashboard?")
@@ -71,10 +69,17 @@ def _stats_panel(client: ServerClient, history: StatsHistory) -> None:
 
 
 def _set_server_up(up: bool) -> None:
-    """Store the server's state, and rerun the whole page when the chat was drawn for the other state."""
-    st.session_state["server_up"] = up
+    """Rerun the whole page when the server started or stopped since the chat was drawn, so that the chat
+    enables or disables itself.
+
+    In a full run the chat is drawn first, from its own check of the server. Only a change of
+    this panel's own observation triggers the rerun, so a server whose /v1/models works but whose
+    /v1/stats fails causes no rerun loop.
+    """
+    previous = st.session_state.get("stats_server_up")
+    st.session_state["stats_server_up"] = up
     drawn_for = st.session_state.get("chat_drawn_for_up")
-    if drawn_for is not None and drawn_for != up:
+    if previous is not None and previous != up and drawn_for is not None and drawn_for != up:
         st.rerun()
 
 
@@ -127,12 +132,13 @@ def _timeline_charts(history: StatsHistory) -> None:
     if timeline.empty:
         st.info("No engine steps yet. Send a chat message or a request to the server to fill the charts.")
         return
+    domain = history.time_domain(timeline)
     left, right = st.columns(2)
-    left.altair_chart(charts.throughput_chart(timeline), use_container_width=True)
-    right.altair_chart(charts.queue_chart(timeline), use_container_width=True)
+    left.altair_chart(charts.throughput_chart(timeline, domain), width="stretch")
+    right.altair_chart(charts.queue_chart(timeline, domain), width="stretch")
     left, right = st.columns(2)
-    left.altair_chart(charts.kv_chart(timeline), use_container_width=True)
-    right.altair_chart(charts.preemption_chart(timeline), use_container_width=True)
+    left.altair_chart(charts.kv_chart(timeline, domain), width="stretch")
+    right.altair_chart(charts.preemption_chart(timeline, domain), width="stretch")
 
 
 def _latency_histograms(history: StatsHistory) -> None:
@@ -145,7 +151,7 @@ def _latency_histograms(history: StatsHistory) -> None:
             if histogram is None:
                 st.caption(f"{title}: no finished requests yet.")
                 continue
-            st.altair_chart(charts.histogram_chart(histogram, title, "ms"), use_container_width=True)
+            st.altair_chart(charts.histogram_chart(histogram, title, "ms"), width="stretch")
             st.caption(f"{title}: {histogram.num_values} values, p50 {histogram.p50:.1f} ms, "
                        f"p99 {histogram.p99:.1f} ms")
 
@@ -158,11 +164,15 @@ def _duration(seconds: float) -> str:
 
 # chat
 
-def _chat_panel(client: ServerClient, history: StatsHistory) -> None:
-    up = bool(st.session_state.get("server_up"))
+def _chat_panel(client: ServerClient) -> None:
+    try:
+        models = client.models()
+    except ServerUnavailable:
+        models = []
+    model = models[0] if models else None
+    up = model is not None
     st.session_state["chat_drawn_for_up"] = up
     messages: list[dict] = st.session_state.setdefault("chat_messages", [])
-    model = history.latest.get("model") if history.latest else None
 
     st.subheader("Chat")
     box = st.container(height=460, border=True)
@@ -180,7 +190,7 @@ def _chat_panel(client: ServerClient, history: StatsHistory) -> None:
             st.rerun(scope="fragment")
 
     placeholder = "Message the model" if up else "The server is down"
-    prompt = st.chat_input(placeholder, disabled=not up or model is None, key="chat_prompt")
+    prompt = st.chat_input(placeholder, disabled=not up, key="chat_prompt")
     if not prompt:
         return
 
