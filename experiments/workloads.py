@@ -268,3 +268,55 @@ def prompt_token_ids(spec: RequestSpec, vocab_size: int, seed: int = 0) -> list[
     rng = np.random.default_rng([seed, zlib.crc32(spec.request_id.encode())])
     high = max(4, min(vocab_size, 259))
     return rng.integers(3, high, size=spec.prompt_len).tolist()
+
+
+WORKLOAD_KINDS = ("synthetic", "azure")
+
+
+def from_config(cfg, seed: int, max_model_len: int | None = None) -> Workload:
+    """Build the workload of a `workload/` config (experiments.config) with the run's root seed.
+
+    Lengths are clipped so that prompt + output fits `max_model_len`. Raises ValueError naming
+    the invalid setting.
+    """
+    kind = cfg["kind"]
+    if kind == "synthetic":
+        return synthetic(
+            cfg["process"],
+            float(cfg["rate"]),
+            int(cfg["num_requests"]),
+            LengthDist(**dict(cfg["prompt_len"])),
+            LengthDist(**dict(cfg["output_len"])),
+            seed,
+            burstiness=float(cfg["burstiness"]),
+            max_model_len=max_model_len,
+            name=cfg["name"],
+        )
+    if kind == "azure":
+        return azure_trace(
+            cfg["trace_path"],
+            start_s=float(cfg["start_s"]),
+            duration_s=cfg["duration_s"],
+            max_requests=cfg["max_requests"],
+            time_scale=float(cfg["time_scale"]),
+            length_scale=float(cfg["length_scale"]),
+            max_prompt_len=cfg["max_prompt_len"],
+            max_output_len=cfg["max_output_len"],
+            max_model_len=max_model_len,
+            name=cfg["name"],
+        )
+    raise ValueError(f"workload kind must be one of {WORKLOAD_KINDS}, got {kind!r}")
+
+
+def to_json(workload: Workload) -> dict:
+    """The workload's name, size, transformations and source, for workload.json."""
+    frame = workload.to_frame()
+    return {
+        "name": workload.name,
+        "num_requests": len(workload.requests),
+        "duration_s": workload.duration,
+        "mean_prompt_len": float(frame["prompt_len"].mean()) if len(frame) else None,
+        "mean_output_len": float(frame["output_len"].mean()) if len(frame) else None,
+        "transformations": list(workload.transformations),
+        "source": dict(workload.source),
+    }
