@@ -336,21 +336,24 @@ def _title(run: Run) -> str:
     return f"Flash-Serve experiment: {workload} on {model}"
 
 
+_EMPTY_VALUES = {"", "none", "null", "false", "0", "[]", "{}", "no", "n/a"}
+
+
 def _has_gpu(manifest_flat: list[tuple[str, str]]) -> bool:
     """Return True when a manifest entry whose key mentions a GPU has a value other than empty, none or 0."""
-    empty = {"", "none", "null", "false", "0", "[]", "{}", "no", "n/a"}
-    return any("gpu" in key.lower() and value.strip().lower() not in empty for key, value in manifest_flat)
+    return any("gpu" in key.lower() and value.strip().lower() not in _EMPTY_VALUES for key, value in manifest_flat)
 
 
 def _hardware_text(run: Run, flat: list[tuple[str, str]]) -> str:
     parts = []
     name = _nested(run.config, "hardware", "name")
+    description = _nested(run.config, "hardware", "description")
     if name:
-        parts.append(f"profile {name}")
+        parts.append(f"profile {name}" + (f", {description}" if description else ""))
     cpu = _find(flat, "cpu.model", "cpu_model", "cpu.name", "cpu", "processor")
     if cpu:
         parts.append(f"CPU {cpu}")
-    gpus = [value for key, value in flat if "gpu" in key.lower()]
+    gpus = [value for key, value in flat if "gpu" in key.lower() and value.strip().lower() not in _EMPTY_VALUES]
     parts.append(f"GPU {', '.join(gpus)}" if _has_gpu(flat) else "no GPU recorded")
     threads = _find(flat, "num_threads", "threads", "thread_count", "torch_threads")
     if threads:
@@ -393,9 +396,18 @@ def _setup_section(doc: Document, run: Run) -> None:
         settings = run.config.get(group)
         if isinstance(settings, dict) and settings:
             items.append(f"{label} configuration: " + ", ".join(f"{k}={v}" for k, v in _flatten(settings)) + ".")
-    cost_model = _find(flat, "cost_model", "cost_model_file", "cost_model_path")
+    cost_model = []
+    for key, value in flat:
+        root, _, inner = key.partition(".")
+        if root == "cost_model" and value != "null":
+            # The entry's own description (cost_model.cost_model) reads best without its key.
+            cost_model.append(value if inner in ("", "cost_model") else f"{inner}={value}")
     if cost_model:
-        items.append(f"Cost model: {cost_model}.")
+        items.append("Cost model: " + ", ".join(cost_model) + ".")
+    slo = run.info.get("slo") if isinstance(run.info.get("slo"), dict) else {}
+    if slo:
+        items.append("Goodput SLOs: " + ", ".join(f"{metric.upper()} <= {limit:g} s" if _is_number(limit) else f"{metric.upper()} <= {limit}"
+                                                  for metric, limit in slo.items()) + ".")
 
     seeds = []
     if run.info.get("seed") is not None:
@@ -410,6 +422,9 @@ def _setup_section(doc: Document, run: Run) -> None:
     command = _find(flat, "command", "argv", "cmd")
     if command:
         items.append(f"Command: {command}.")
+    overrides = _find(flat, "overrides")
+    if overrides:
+        items.append(f"Config overrides: {overrides}.")
     if run.info.get("created"):
         items.append(f"Run created: {run.info['created']}.")
     doc.bullets(items)
@@ -598,8 +613,12 @@ def limitations(run: Run) -> list[str]:
     estimates = [name for name in system_order(systems) if is_estimate(name, systems)]
     if estimates:
         single = len(estimates) == 1
-        items.append(", ".join(estimates) + (" is a roofline estimate" if single else " are roofline estimates")
-                     + " from peak hardware compute and memory bandwidth, not a cost model fitted to measurements. "
+        hardware = _nested(run.config, "hardware", "name")
+        names = estimates[0] if single else ", ".join(estimates[:-1]) + " and " + estimates[-1]
+        items.append(names + (" is a roofline estimate" if single else " are roofline estimates")
+                     + " from the peak compute and memory bandwidth of "
+                     + (f"hardware profile {hardware}" if hardware else "the hardware")
+                     + ", not a cost model fitted to measurements. "
                      + ("It is" if single else "They are") + " labelled 'estimate' in the tables and figures.")
 
     for name in system_order(systems):

@@ -100,8 +100,9 @@ def _write_run(run_dir: Path, tables: dict, systems: dict, *, manifest: dict | N
     pd.concat(requests, ignore_index=True).to_parquet(run_dir / "requests.parquet")
     if steps:
         pd.concat(steps, ignore_index=True).to_parquet(run_dir / "steps.parquet")
-    summary = {"run": {"workload": "azure-conv", "created": "2025-01-02T03:04:05", "model": "tiny-llama", "seed": 0},
-               "systems": systems}
+    run = {"workload": "azure-conv", "created": "2025-01-02T03:04:05", "model": "tiny-llama", "seed": 0,
+           "slo": {"ttft": 1.0, "tpot": 0.05}}
+    summary = {"run": run, "systems": systems}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if config is not None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -117,18 +118,21 @@ CONFIG = {
     "engine": {"block_size": BLOCK_SIZE, "num_kv_blocks": 256, "max_num_seqs": 32, "max_num_batched_tokens": 2048},
     "workload": {"name": "azure-conv", "max_requests": 60, "time_scale": 0.1},
     "sim": {"cost_model": "fitted"},
-    "hardware": {"name": "cpu-2core"},
+    "hardware": {"name": "cpu", "description": "generic 2-core x86 CPU (AVX2)"},
     "systems": ["measured/continuous", "measured/static", "predicted/continuous", "predicted/static", "baseline/hf-generate"],
     "seed": 0,
 }
 MANIFEST = {
+    "created": "2025-01-02T03:04:05+00:00",
+    "command": "python -m experiments run +workload=azure-conv",
+    "overrides": ["+workload=azure-conv"],
     "git": {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False},
-    "packages": {"torch": "2.13.0", "transformers": "4.56.0"},
-    "hardware": {"cpu": "Intel Xeon (2 cores)", "gpu": None, "num_threads": 2},
-    "trace_sha256": "ab" * 32,
-    "cost_model": "results/cost_model.json",
+    "packages": {"python": "3.11.7", "torch": "2.13.0", "transformers": "4.56.0"},
+    "hardware": {"platform": "Linux-6.1-x86_64", "cpu": "Intel Xeon (2 cores)", "cpu_count": 2, "gpus": [], "cuda": None},
+    "torch_threads": 2,
     "seeds": {"workload": 0, "engine": 0},
-    "command": "python -m experiments run workload=azure-conv",
+    "trace": {"trace_path": "/data/AzureLLMInferenceTrace_conv.csv", "trace_sha256": "ab" * 32},
+    "cost_model": {"path": "results/cost_models/cpu.json", "sha256": "cd" * 32},
 }
 WORKLOAD = {
     "name": "azure-conv",
@@ -228,7 +232,10 @@ def test_report_setup_lists_provenance(built):
     setup = (run_dir / "report.md").read_text().split("## Setup")[1].split("## Metric definitions")[0]
     assert "0123456789abcdef0123456789abcdef01234567" in setup
     assert "tiny-llama, load_format dummy" in setup
-    assert "Intel Xeon (2 cores)" in setup
+    assert "Hardware: profile cpu, generic 2-core x86 CPU (AVX2); CPU Intel Xeon (2 cores); no GPU recorded; 2 threads." in setup
+    assert "Cost model: path=results/cost_models/cpu.json" in setup
+    assert "Goodput SLOs: TTFT <= 1 s, TPOT <= 0.05 s." in setup
+    assert "Config overrides: +workload=azure-conv." in setup
     assert "arrival times scaled by 0.1 (10x the original rate)" in setup
     assert "block_size=16" in setup
     assert "seeds.workload 0" in setup
@@ -291,7 +298,7 @@ def test_limitations_follow_run_files(built):
     assert "records no GPU" in limitations
     assert "The trace was transformed before replay" in limitations
     assert "random weights (load_format dummy)" in limitations
-    assert "predicted/static is a roofline estimate" in limitations
+    assert "predicted/static is a roofline estimate from the peak compute and memory bandwidth of hardware profile cpu" in limitations
     assert "baseline/hf-generate: 2 of 60 requests did not complete" in limitations
     assert "connection reset by peer (2x)" in limitations
     references = markdown.split("## References")[1]
@@ -300,7 +307,7 @@ def test_limitations_follow_run_files(built):
 
 
 def test_limitations_absent_for_clean_gpu_run(tmp_path):
-    manifest = {**MANIFEST, "hardware": {"cpu": "AMD EPYC", "gpu": "NVIDIA H100 80GB HBM3", "num_threads": 8}}
+    manifest = {**MANIFEST, "hardware": {"cpu": "AMD EPYC", "gpus": ["NVIDIA H100 80GB HBM3"], "cuda": "12.8"}}
     config = {**CONFIG, "model": {"name": "llama", "path": "/models/llama", "load_format": "safetensors"}}
     workload = {"name": "poisson", "transformations": [], "source": {"generator": "poisson", "rate": 4.0}}
     run_dir = _full_run(tmp_path / "run", manifest=manifest, config=config, workload=workload, baseline_failures=0)
