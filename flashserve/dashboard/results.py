@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments import metrics
+
 logger = logging.getLogger(__name__)
 
 RUN_MARKERS = ("summary.json", "requests.parquet", "steps.parquet", "report.md")
-CONFIG_FILES = ("config.yaml", "resolved_config.yaml", ".hydra/config.yaml", "metadata.json")
+CONFIG_FILES = ("config.yaml", "overrides.yaml", "manifest.json", "workload.json")  # shown as text when present
 MAX_RUN_DEPTH = 4  # <results>/<date>/<time>-<workload>/ is depth 2; deeper layouts (sweeps) are allowed
 
 
@@ -110,54 +112,95 @@ def load_run(path: str | os.PathLike, results_dir: str | os.PathLike | None = No
 def summary_tables(summary: dict | list | None) -> list[tuple[str, pd.DataFrame]]:
     """Turn a summary into titled tables, whatever its nesting.
 
-    A list of records becomes one table. In a mapping, scalar values form one two-column table
-    and each value that maps names to mappings of scalars (for example system -> metric ->
-    value) becomes a table with one row per name. Deeper values are searched the same way, with
-    the keys on the way joined into the title.
+    A list of records becomes one table. In a mapping, scalar values form a name/value table.
+    A value that maps two or more names to mappings with mostly the same keys (for example
+    system -> metrics) becomes a table with one row per flattened key ("ttft.p50") and one
+    column per name; its text rows (such as a system's kind) go to a second table, so the first
+    stays numeric. Other mappings are searched the same way, with their keys joined into the title.
     """
     tables: list[tuple[str, pd.DataFrame]] = []
-    _collect_tables(summary, "summary", tables)
+    _collect_tables(summary, "", tables)
     return tables
 
 
 def _collect_tables(value, title: str, tables: list[tuple[str, pd.DataFrame]]) -> None:
     if isinstance(value, list):
         if value and all(isinstance(item, dict) for item in value):
-            tables.append((title, pd.json_normalize(value)))
+            tables.append((title or "summary", pd.json_normalize(value)))
         return
     if not isinstance(value, dict):
         return
 
     scalars = {key: item for key, item in value.items() if _is_scalar(item)}
     if scalars:
-        tables.append((title, pd.DataFrame({"name": list(scalars), "value": [_cell(v) for v in scalars.values()]})))
-
-    nested = {key: item for key, item in value.items() if isinstance(item, dict)}
-    rows = {key: item for key, item in nested.items() if item and all(_is_scalar(v) for v in item.values())}
-    if len(rows) >= 2:
-        table = pd.DataFrame.from_dict(rows, orient="index")
-        table.index.name = "name"
-        tables.append((title, table.reset_index()))
-        nested = {key: item for key, item in nested.items() if key not in rows}
-    for key, item in nested.items():
-        _collect_tables(item, f"{title} / {key}" if title != "summary" else str(key), tables)
+        tables.append((title or "summary", pd.DataFrame({"name": [str(k) for k in scalars],
+                                                         "value": [_cell(v) for v in scalars.values()]})))
     for key, item in value.items():
-        if isinstance(item, list):
-            _collect_tables(item, f"{title} / {key}" if title != "summary" else str(key), tables)
+        child = f"{title} / {key}" if title else str(key)
+        if isinstance(item, dict) and _is_record_group(item):
+            tables.extend(_record_group_tables(item, child))
+        elif isinstance(item, (dict, list)):
+            _collect_tables(item, child, tables)
+
+
+def _is_record_group(value: dict) -> bool:
+    """True for a mapping of two or more names to mappings that share at least half of their keys."""
+    if len(value) < 2 or not all(isinstance(item, dict) and item for item in value.values()):
+        return False
+    key_sets = [set(_flatten(item)) for item in value.values()]
+    shared = set.intersection(*key_sets)
+    return len(shared) >= 0.5 * len(set.union(*key_sets))
+
+
+def _record_group_tables(group: dict, title: str) -> list[tuple[str, pd.DataFrame]]:
+    flat = {str(name): _flatten(record) for name, record in group.items()}
+    keys = list(dict.fromkeys(key for record in flat.values() for key in record))
+    numeric = [k for k in keys if all(_is_number(r.get(k)) or r.get(k) is None for r in flat.values())]
+    text = [k for k in keys if k not in numeric]
+    tables = []
+    if numeric:
+        table = pd.DataFrame({name: [record.get(k) for k in numeric] for name, record in flat.items()},
+                             dtype=float)
+        table.insert(0, "metric", numeric)
+        tables.append((title, table))
+    if text:
+        table = pd.DataFrame({name: [None if record.get(k) is None else str(record.get(k)) for k in text]
+                              for name, record in flat.items()})
+        table.insert(0, "field", text)
+        tables.append((f"{title} (labels)", table))
+    return tables
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """Nested mappings as one level, with keys joined by dots; lists are kept as text."""
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value if _is_scalar(value) else json.dumps(value)
+    return flat
 
 
 def _is_scalar(value) -> bool:
     return value is None or isinstance(value, (str, bool, numbers.Number))
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
 def _cell(value):
-    return value if isinstance(value, numbers.Number) and not isinstance(value, bool) else str(value)
+    return value if _is_number(value) else str(value)
 
 
 def compare_tables(first: pd.DataFrame, second: pd.DataFrame, labels: tuple[str, str]) -> pd.DataFrame | None:
-    """Numeric cells of two tables with the same first (key) column, side by side with their relative change.
+    """Numeric cells of two tables keyed by the same first column, side by side with their relative change.
 
-    Returns None when the tables share no key or no numeric column.
+    The result has the key column, `column` (the name of the compared column), one column per
+    label and `change` = (second - first) / |first|. Returns None when the tables share no key
+    or no numeric column.
     """
     key = first.columns[0]
     if second.columns[0] != key:
@@ -166,9 +209,9 @@ def compare_tables(first: pd.DataFrame, second: pd.DataFrame, labels: tuple[str,
                and pd.api.types.is_numeric_dtype(first[c]) and pd.api.types.is_numeric_dtype(second[c])]
     if not numeric:
         return None
-    left = first.set_index(key)[numeric].melt(ignore_index=False, var_name="metric", value_name=labels[0])
-    right = second.set_index(key)[numeric].melt(ignore_index=False, var_name="metric", value_name=labels[1])
-    merged = left.reset_index().merge(right.reset_index(), on=[key, "metric"], how="inner")
+    left = first.melt(id_vars=key, value_vars=numeric, var_name="column", value_name=labels[0])
+    right = second.melt(id_vars=key, value_vars=numeric, var_name="column", value_name=labels[1])
+    merged = left.merge(right, on=[key, "column"], how="inner")
     if merged.empty:
         return None
     base = merged[labels[0]].astype(float)
@@ -178,21 +221,89 @@ def compare_tables(first: pd.DataFrame, second: pd.DataFrame, labels: tuple[str,
 
 # predicted vs measured
 
-def request_latencies(requests: pd.DataFrame) -> pd.DataFrame:
-    """TTFT and end-to-end latency of each finished request, in seconds, with its system.
+KV_ERROR_METRICS = ("kv_fragmentation", "kv_usage_mean")
 
-    TTFT is first token time minus arrival time and E2E is finish time minus arrival time, as
-    in vLLM's serving benchmark. Requests without a first token or a finish time are dropped.
+
+def request_latencies(requests: pd.DataFrame) -> pd.DataFrame:
+    """TTFT and end-to-end latency in seconds of each completed request, one row per request and metric.
+
+    The definitions are those of `experiments.metrics.add_latencies`. Tables without the time
+    columns of a request record give an empty frame.
     """
-    needed = {"arrival_time", "first_token_time", "finish_time"}
+    columns = ["system", "metric", "seconds"]
+    needed = {"arrival_time", "first_token_time", "finish_time", "num_output_tokens", "finish_reason"}
     if not needed.issubset(requests.columns):
-        return pd.DataFrame(columns=["system", "metric", "seconds"])
-    frame = pd.DataFrame({
-        "system": requests["system"].astype(str) if "system" in requests.columns else "run",
-        "ttft": requests["first_token_time"] - requests["arrival_time"],
-        "e2e": requests["finish_time"] - requests["arrival_time"],
-    })
-    return frame.melt(id_vars="system", var_name="metric", value_name="seconds").dropna()
+        return pd.DataFrame(columns=columns)
+    frame = metrics.add_latencies(metrics.completed(requests))
+    frame["system"] = frame["system"].astype(str) if "system" in frame.columns else "run"
+    return frame[["system", "ttft", "e2e"]].melt(id_vars="system", var_name="metric", value_name="seconds").dropna()
+
+
+def system_summaries(run: Run) -> dict[str, dict]:
+    """Summary of each system: summary.json's "systems" mapping when it has one, else computed
+    from the run's record tables with `experiments.metrics.summarize`."""
+    stored = run.summary.get("systems") if isinstance(run.summary, dict) else None
+    if isinstance(stored, dict) and stored:
+        return {str(name): value for name, value in stored.items() if isinstance(value, dict)}
+
+    summaries = {}
+    for system in run.systems:
+        requests = _rows_of(run.requests, system)
+        steps = _rows_of(run.steps, system)
+        summary = {}
+        if requests is not None and not requests.empty and {"arrival_time", "finish_reason"} <= set(requests.columns):
+            summary.update(metrics.summarize_requests(metrics.add_latencies(requests)))
+        if steps is not None and not steps.empty and "kv_slots_allocated" in steps.columns:
+            summary.update(metrics.summarize_steps(steps))
+        summaries[system] = summary
+    return summaries
+
+
+def _rows_of(frame: pd.DataFrame | None, system: str) -> pd.DataFrame | None:
+    if frame is None or "system" not in frame.columns:
+        return None
+    return frame[frame["system"].astype(str) == system]
+
+
+def prediction_pairs(summaries: dict[str, dict]) -> list[tuple[str, str]]:
+    """(predicted, measured) system pairs.
+
+    A system is predicted when its summary's `kind` is "predicted" or, without a kind, when its
+    name starts with "predicted/". Its measured twin is the summary's `twin`, else the system
+    named "measured/" plus the same suffix.
+    """
+    pairs = []
+    for name, summary in summaries.items():
+        kind = summary.get("kind") or name.split("/", 1)[0]
+        if kind != "predicted":
+            continue
+        twin = summary.get("twin") or ("measured/" + name.split("/", 1)[1] if "/" in name else None)
+        if twin in summaries:
+            pairs.append((name, twin))
+    return pairs
+
+
+def relative_errors(summaries: dict[str, dict], pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    """Relative error (other - reference) / reference of the headline metrics, one row per (other, reference) pair.
+
+    Latency and throughput errors come from `experiments.metrics.prediction_errors`, overridden
+    by any the summary stores under `errors`. KV fragmentation and mean KV usage are added.
+    """
+    rows = []
+    for other, reference in pairs:
+        errors = metrics.prediction_errors(summaries[other], summaries[reference])
+        for key in KV_ERROR_METRICS:
+            errors[key] = metrics.relative_error(_number(summaries[other].get(key)),
+                                                 _number(summaries[reference].get(key)))
+        stored = summaries[other].get("errors")
+        if isinstance(stored, dict):
+            errors.update({key: value for key, value in stored.items() if value is None or _is_number(value)})
+        rows.append({"system": other, "reference": reference, **errors})
+    return pd.DataFrame(rows)
+
+
+def _number(value) -> float | None:
+    return float(value) if _is_number(value) else None
 
 
 def cdf(latencies: pd.DataFrame) -> pd.DataFrame:

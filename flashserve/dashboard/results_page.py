@@ -16,9 +16,12 @@ from flashserve.dashboard.results import (
     compare_tables,
     find_runs,
     load_run,
+    prediction_pairs,
+    relative_errors,
     request_latencies,
     step_timeline,
     summary_tables,
+    system_summaries,
 )
 from flashserve.dashboard.settings import RUN_COMMAND
 
@@ -106,7 +109,7 @@ def _show_run(run: Run, key: str) -> None:
             st.markdown(run.report)
     with config_tab:
         if not run.configs:
-            st.info("This run has no config file (config.yaml, .hydra/config.yaml or metadata.json).")
+            st.info("This run has none of config.yaml, overrides.yaml, manifest.json or workload.json.")
         for name, text in run.configs.items():
             st.markdown(f"**{name}**")
             st.code(text, language="json" if name.endswith(".json") else "yaml")
@@ -133,58 +136,55 @@ def _summary(run: Run) -> None:
 
 
 def _predicted_vs_measured(run: Run, key: str) -> None:
+    summaries = system_summaries(run)
+    if len(summaries) > 1:
+        _error_table(summaries, key)
     if run.requests is None and run.steps is None:
-        st.info("This run has neither requests.parquet nor steps.parquet.")
+        st.info("This run has neither requests.parquet nor steps.parquet, so there are no distributions to plot.")
         return
-    systems = run.systems
-    if len(systems) > 1:
-        default = systems.index("engine") if "engine" in systems else 0
-        reference = st.selectbox("Measured system (reference)", systems, index=default, key=f"reference_{key}")
-        _relative_errors(run, reference, systems)
+
     if run.requests is not None:
         latencies = cdf(request_latencies(run.requests))
         if latencies.empty:
-            st.info("requests.parquet has no finished request with arrival, first token and finish times.")
+            st.info("requests.parquet has no completed request with arrival, first token and finish times.")
         else:
             left, right = st.columns(2)
-            left.altair_chart(charts.latency_cdf_chart(latencies, "ttft", "TTFT"), use_container_width=True)
+            left.altair_chart(charts.latency_cdf_chart(latencies, "ttft", "TTFT"), width="stretch")
             right.altair_chart(charts.latency_cdf_chart(latencies, "e2e", "End-to-end latency"),
-                               use_container_width=True)
+                               width="stretch")
     if run.steps is not None:
         timeline = step_timeline(run.steps)
         if timeline.empty:
             st.info("steps.parquet lacks the time or KV cache columns of a step record.")
             return
         st.altair_chart(charts.system_timeline_chart(timeline, "output_tokens", "Cumulative output tokens"),
-                        use_container_width=True)
+                        width="stretch")
         left, right = st.columns(2)
         left.altair_chart(charts.system_timeline_chart(timeline, "kv_usage", "KV cache usage", percent=True),
-                          use_container_width=True)
+                          width="stretch")
         right.altair_chart(
             charts.system_timeline_chart(timeline, "kv_fragmentation", "KV fragmentation", percent=True),
-            use_container_width=True,
+            width="stretch",
         )
 
 
-def _relative_errors(run: Run, reference: str, systems: list[str]) -> None:
-    """Summary tables with a row per system, as each system's relative difference from `reference`."""
-    for title, table in summary_tables(run.summary):
-        key = table.columns[0]
-        names = table[key].astype(str)
-        if reference not in set(names) or len(set(names) & set(systems)) < 2:
-            continue
-        numeric = [c for c in table.columns[1:] if pd.api.types.is_numeric_dtype(table[c])]
-        if not numeric:
-            continue
-        values = table.assign(**{key: names}).set_index(key)[numeric].astype(float)
-        base = values.loc[reference]
-        errors = (values.drop(index=reference) - base) / base.abs().where(base != 0)
-        st.markdown(f"**{title}: relative difference from {reference}**")
-        st.dataframe(
-            errors.reset_index(),
-            hide_index=True,
-            column_config={c: st.column_config.NumberColumn(format="percent") for c in numeric},
-        )
+def _error_table(summaries: dict[str, dict], key: str) -> None:
+    """Relative errors of each predicted system against its measured twin, or of every system against a chosen one."""
+    pairs = prediction_pairs(summaries)
+    if pairs:
+        st.markdown("**Prediction error: (predicted - measured) / measured**")
+    else:
+        names = list(summaries)
+        reference = st.selectbox("Reference system", names, key=f"reference_{key}")
+        pairs = [(name, reference) for name in names if name != reference]
+        st.markdown(f"**Relative difference from {reference}**")
+    errors = relative_errors(summaries, pairs)
+    value_columns = [c for c in errors.columns if c not in ("system", "reference")]
+    st.dataframe(
+        errors,
+        hide_index=True,
+        column_config={c: st.column_config.NumberColumn(format="percent") for c in value_columns},
+    )
 
 
 def _figures(run: Run) -> None:
