@@ -1,7 +1,7 @@
 """The async engine loop: the only code that touches the LLMEngine while the server runs.
 
-One asyncio task steps the engine, running each blocking `engine.step()` in a worker thread so
-the event loop keeps serving HTTP. Request handlers never call the engine themselves: they hand
+One asyncio task steps the engine, running each blocking `engine.step()` in one dedicated worker
+thread so the event loop keeps serving HTTP. Request handlers never call the engine themselves: they hand
 a function to the loop (`submit`, `abort`, `stats`), which runs it between two steps, and they
 receive their outputs through a `GenerationStream`.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -118,6 +119,7 @@ class AsyncEngine:
         self._num_preemptions_seen = engine.scheduler.num_preemptions
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopping = False
 
     # lifecycle
@@ -125,6 +127,7 @@ class AsyncEngine:
     async def start(self) -> None:
         self._wakeup = asyncio.Event()
         self._stopping = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashserve-engine")
         self._task = asyncio.create_task(self._run(), name="flashserve-engine-loop")
 
     async def stop(self) -> None:
@@ -134,6 +137,7 @@ class AsyncEngine:
         self._stopping = True
         self._wakeup.set()
         await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
         self._abort_all(EngineUnavailable("the server is shutting down"))
 
     @property
@@ -239,7 +243,7 @@ class AsyncEngine:
                     continue
 
                 try:
-                    outputs = await asyncio.to_thread(engine.step)
+                    outputs = await asyncio.get_running_loop().run_in_executor(self._executor, engine.step)
                 except Exception as error:
                     # NOTE: the step's scheduler state may be half-updated, so every unfinished
                     # request is aborted. The engine then serves new requests from a clean cache.
