@@ -1,9 +1,9 @@
 """A small server with the HTTP surface the dashboard uses, for the dashboard's tests.
 
-It serves GET /health, GET /v1/models, GET /v1/stats and POST /v1/chat/completions (streaming or not) like
-`flashserve serve`, but steps the real `flashserve.core.Scheduler` with a word-level echo model
-in place of a neural network: each word is one token, and the reply is "You said:" followed by
-the last user message. With `ignore_eos` the reply repeats until `max_tokens`, which keeps KV
+It serves GET /health, GET /v1/models, GET /v1/stats and POST /v1/chat/completions (streaming or
+not) like `flashserve serve`. In place of a neural network it steps the real
+`flashserve.core.Scheduler` with a word-level echo model. Each word is one token, and the reply is
+"You said:" followed by the last user message. With `ignore_eos` the reply repeats until `max_tokens`, which keeps KV
 blocks in use for as long as a test needs. It starts in a second or less and needs no torch.
 """
 

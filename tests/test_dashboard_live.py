@@ -15,7 +15,7 @@ from server_fixtures import MICRO_NAME, micro_server  # noqa: F401
 from streamlit.testing.v1 import AppTest
 
 from flashserve.dashboard import charts
-from flashserve.dashboard.client import ServerClient, ServerUnavailable
+from flashserve.dashboard.client import ServerClient, ServerUnavailable, _content_deltas
 from flashserve.dashboard.history import StatsHistory
 from flashserve.dashboard.settings import normalize_server_url, parse_settings, serve_command
 
@@ -186,6 +186,18 @@ def test_history_fills_idle_bins_with_last_state():
     assert timeline["kv_usage"].tolist() == [0.75] * 4
 
 
+def test_history_time_domain():
+    history = StatsHistory()
+    history.update(stats_with([step(0, 2.0), step(1, 3.0)], uptime_s=3.1, output_tokens_total=2))
+    assert history.time_domain(history.timeline()) == (0.0, 4.0)
+
+    history = StatsHistory()
+    history.update(stats_with([step(i, 100.0 + i) for i in range(60)], uptime_s=160.5, output_tokens_total=60))
+    start, end = history.time_domain(history.timeline())
+    assert start == 101.0  # the end of the first 1 s bin
+    assert end == 160.0  # the end of the open bin that contains the last step (which ends at 159.1 s)
+
+
 def test_history_cursor_dedup_and_window():
     history = StatsHistory(window_s=10, max_requests=2)
     requests = [{"request_id": "a", "ttft": 0.1, "itl": [0.01, 0.02]}, {"request_id": "b", "ttft": 0.3, "itl": []}]
@@ -256,6 +268,17 @@ def test_client_reports_error_status(echo_server):
         list(client.stream_chat("fake-echo", [{"role": "user", "content": "x"}], 100_000, 0.0))
 
 
+def test_stream_parser_rejects_invalid_chunk():
+    lines = iter(['data: {"choices": [{"delta": {"content": "ok"}}]}', "", "data: {not json"])
+    deltas = _content_deltas(lines)
+    assert next(deltas) == "ok"
+    with pytest.raises(ServerUnavailable, match="invalid stream chunk"):
+        next(deltas)
+    error_lines = iter(['data: {"error": {"message": "engine failed"}}'])
+    with pytest.raises(ServerUnavailable, match="engine failed"):
+        list(_content_deltas(error_lines))
+
+
 # the page under AppTest
 
 def test_page_when_server_is_down(monkeypatch, tmp_path):
@@ -287,12 +310,12 @@ def test_page_shows_requests_holding_blocks(monkeypatch, tmp_path, echo_server):
 
     at = make_app(monkeypatch, echo_server.url, tmp_path).run()
     assert not at.exception
-    shown = metrics_of(at)
-    assert shown["Running"] == "2"
-    assert shown["Waiting"] == "0"
-    assert shown["Preemptions"] == "0"
-    assert shown["KV cache usage"].endswith("%")
-    assert float(shown["KV cache usage"].rstrip("%")) > 0
+    displayed = metrics_of(at)
+    assert displayed["Running"] == "2"
+    assert displayed["Waiting"] == "0"
+    assert displayed["Preemptions"] == "0"
+    assert displayed["KV cache usage"].endswith("%")
+    assert float(displayed["KV cache usage"].rstrip("%")) > 0
 
     assert len(at.image) == 1
     assert "of 64 blocks used by 2 requests" in at.image[0].captions[0]
@@ -331,9 +354,9 @@ def test_page_against_real_server(monkeypatch, tmp_path, micro_server):  # noqa:
     at = make_app(monkeypatch, micro_server.url, tmp_path).run()
     assert not at.exception
     stats = micro_server.stats()
-    shown = metrics_of(at)
-    assert shown["Running"] == "0"
-    assert shown["Output tokens"] == str(stats["output_tokens_total"])
+    displayed = metrics_of(at)
+    assert displayed["Running"] == "0"
+    assert displayed["Output tokens"] == str(stats["output_tokens_total"])
     assert at.image[0].captions[0].startswith(f"0 of {stats['kv_blocks_total']} blocks used by 0 requests")
 
     at.number_input(key="chat_max_tokens").set_value(8)
@@ -347,3 +370,4 @@ def test_page_against_real_server(monkeypatch, tmp_path, micro_server):  # noqa:
 
     at.run()  # the next refresh counts the chat request's tokens
     assert int(metrics_of(at)["Output tokens"]) > stats["output_tokens_total"]
+

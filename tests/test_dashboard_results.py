@@ -228,7 +228,7 @@ def test_latency_cdf_and_step_timeline(results_dir):
 
 # the page under AppTest
 
-def test_page_empty_folder_says_how_to_make_a_run(monkeypatch, tmp_path):
+def test_page_empty_folder_shows_run_command(monkeypatch, tmp_path):
     (tmp_path / "results").mkdir()
     at = make_app(monkeypatch, tmp_path / "results")
     assert not at.exception

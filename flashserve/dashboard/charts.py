@@ -19,7 +19,7 @@ GRID_LINE_RGB = (208, 212, 220)
 
 
 def request_color(request_id: str) -> tuple[int, int, int]:
-    """A colour for `request_id` that stays the same across refreshes and dashboard sessions."""
+    """Hash `request_id` to a colour that stays the same across refreshes and dashboard sessions."""
     code = zlib.crc32(str(request_id).encode())
     hue = (code * 0.618033988749895) % 1.0  # golden-ratio steps spread neighbouring codes over the hue circle
     saturation = 0.55 + 0.3 * ((code >> 8) % 4) / 3
@@ -44,10 +44,10 @@ class BlockMap:
 
 
 def block_map(block_owners: list[str | None], max_width_px: int = 720) -> BlockMap:
-    """Draw each block as a square coloured by the request that owns it; free blocks stay white.
+    """Draw each block as a square coloured by the request that owns it. Free blocks stay white.
 
-    Caches of up to 1024 blocks get 32 columns; larger ones get a wider grid so that the
-    picture stays about twice as wide as it is tall.
+    Caches of up to 1024 blocks get 32 columns. Larger caches get a wider grid, so the picture
+    stays about twice as wide as it is tall.
     """
     num_blocks = len(block_owners)
     if num_blocks == 0:
@@ -127,7 +127,7 @@ def queue_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     return alt.Chart(long).mark_line(interpolate="step-before", point=_show_points(timeline)).encode(
         _time_axis(domain),
         alt.Y("requests:Q", title="requests", axis=alt.Axis(tickMinStep=1, format="d")),
-        alt.Color("queue:N", title=None),
+        alt.Color("queue:N", title=None, legend=alt.Legend(orient="bottom")),
     ).properties(height=200, title="Requests running and waiting")
 
 
@@ -138,7 +138,7 @@ def kv_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     return alt.Chart(long).mark_line(interpolate="step-before", point=_show_points(timeline)).encode(
         _time_axis(domain),
         alt.Y("fraction:Q", title=None, axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
-        alt.Color("series:N", title=None),
+        alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
     ).properties(height=200, title="KV cache usage and fragmentation")
 
 
@@ -146,7 +146,7 @@ def preemption_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     return alt.Chart(timeline).mark_bar().encode(
         _time_axis(domain),
         alt.Y("num_preempted:Q", title="preemptions", axis=alt.Axis(tickMinStep=1, format="d")),
-    ).properties(height=160, title="Preemptions")
+    ).properties(height=200, title="Preemptions")
 
 
 def histogram_chart(histogram: Histogram, title: str, unit: str) -> alt.Chart:
@@ -160,7 +160,7 @@ def histogram_chart(histogram: Histogram, title: str, unit: str) -> alt.Chart:
 # results page
 
 def latency_cdf_chart(cdf_frame: pd.DataFrame, metric: str, title: str) -> alt.Chart:
-    """Empirical CDF of one latency metric, one line per system."""
+    """Plot the empirical CDF of one latency metric, one line per system."""
     frame = cdf_frame[cdf_frame["metric"] == metric]
     return alt.Chart(frame).mark_line(interpolate="step-after").encode(
         alt.X("seconds:Q", title="seconds"),
@@ -170,7 +170,7 @@ def latency_cdf_chart(cdf_frame: pd.DataFrame, metric: str, title: str) -> alt.C
 
 
 def system_timeline_chart(timeline: pd.DataFrame, column: str, title: str, percent: bool = False) -> alt.Chart:
-    """One step-record quantity over time, one line per system."""
+    """Plot one step-record quantity over time, one line per system."""
     axis = alt.Axis(format="%") if percent else alt.Axis()
     return alt.Chart(timeline).mark_line(interpolate="step-after").encode(
         alt.X("time_s:Q", title="time since the first step (s)"),

@@ -10,12 +10,12 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-STATS_TIMEOUT_S = 2.0  # the stats panels refresh every 1-2 s, so a slower answer is treated as an outage
+STATS_TIMEOUT_S = 2.0  # the stats panels refresh every 1-2 s, so a slower response counts as an outage
 CHAT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=10.0, pool=5.0)  # read: max gap between tokens
 
 
 class ServerUnavailable(RuntimeError):
-    """The server did not answer, or answered with an error status."""
+    """The server did not respond, or responded with an error status."""
 
 
 class ServerClient:
@@ -25,7 +25,7 @@ class ServerClient:
         self.base_url = base_url.rstrip("/")
 
     def health(self) -> None:
-        """Raise ServerUnavailable unless GET /health answers 200."""
+        """Raise ServerUnavailable unless GET /health returns 200."""
         self._get("/health", {})
 
     def models(self) -> list[str]:
@@ -89,7 +89,10 @@ def _content_deltas(lines: Iterator[str]) -> Iterator[str]:
         data = line[len("data:"):].strip()
         if data == "[DONE]":
             return
-        chunk = json.loads(data)
+        try:
+            chunk = json.loads(data)
+        except ValueError as error:
+            raise ServerUnavailable(f"the server sent an invalid stream chunk {data[:200]!r}: {error}") from None
         if "error" in chunk:
             raise ServerUnavailable(f"the server reported an error while streaming: {chunk['error']}")
         for choice in chunk.get("choices", []):

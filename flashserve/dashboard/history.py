@@ -106,7 +106,8 @@ class StatsHistory:
             self.steps = self.steps[ends >= horizon].reset_index(drop=True)
 
     def now(self) -> float:
-        """The server's current time in the step clock, or the end of the last step when none is known."""
+        """Estimate the server's current time in the step clock: uptime minus the estimated clock offset, and
+        never before the end of the last step."""
         if self.steps.empty:
             return 0.0 if self.latest is None else float(self.latest["uptime_s"]) - (self._clock_offset or 0.0)
         last_end = float((self.steps["start_time"] + self.steps["duration"]).max())
@@ -178,10 +179,11 @@ class StatsHistory:
         return timeline
 
     def time_domain(self, timeline: pd.DataFrame, min_span_s: float = 30.0) -> tuple[float, float]:
-        """The x range of the timeline charts: from its first bin (or `min_span_s` before now) to now."""
+        """Compute the x range of the timeline charts: from the first bin, or `min_span_s` before now but
+        not before 0, to now."""
         end = max(self.now(), float(timeline["time_s"].max()) if not timeline.empty else 0.0)
         start = float(timeline["time_s"].min()) if not timeline.empty else end
-        return min(start, end - min_span_s), end
+        return max(0.0, min(start, end - min_span_s)), end
 
     def ttft_histogram(self, num_bins: int = 30) -> Histogram | None:
         """Time to first token of the recent finished requests, in milliseconds."""

@@ -14,6 +14,11 @@ from flashserve.dashboard.settings import serve_command
 logger = logging.getLogger(__name__)
 
 REFRESH_S = 1.5  # seconds between polls of /v1/stats
+STATS_KEYS = (  # the /v1/stats fields the panels read
+    "model", "num_running", "num_waiting", "num_preemptions", "kv_blocks_total", "kv_blocks_used",
+    "kv_cache_usage_perc", "kv_fragmentation", "block_size", "block_owners", "steps", "recent_requests",
+    "output_tokens_total", "uptime_s",
+)
 WINDOW_CHOICES_S = {"1 min": 60.0, "5 min": 300.0, "15 min": 900.0, "30 min": 1800.0}
 
 
@@ -36,7 +41,7 @@ def render() -> None:
 
 
 def _history(server_url: str, window_s: float) -> StatsHistory:
-    """The session's StatsHistory of `server_url`; a new one when the URL or the window changes."""
+    """Get the session's StatsHistory of `server_url`, or start a new one when the URL or the window changes."""
     history = st.session_state.get("live_history")
     if history is None or st.session_state.get("live_history_url") != server_url or history.window_s != window_s:
         history = StatsHistory(window_s=window_s)
@@ -50,17 +55,21 @@ def _history(server_url: str, window_s: float) -> StatsHistory:
 def _stats_panel(client: ServerClient, history: StatsHistory) -> None:
     try:
         stats = client.stats(history.since_step)
-        history.update(stats)
     except ServerUnavailable as error:
-        _set_server_up(False)
+        _set_server_up(False, client.base_url, str(error))
         _server_down(client.base_url, str(error))
         return
+    try:
+        missing = [key for key in STATS_KEYS if key not in stats]
+        if missing:
+            raise KeyError(f"missing fields {missing}")
+        history.update(stats)
     except (KeyError, TypeError, ValueError) as error:
-        logger.warning("invalid /v1/stats response from %s: %r", client.base_url, error)
-        st.error(f"The server at {client.base_url} returned /v1/stats in an unexpected shape ({error!r}). "
+        _log_once("invalid_stats", f"invalid /v1/stats response from {client.base_url}: {error}")
+        st.error(f"The server at {client.base_url} returned an invalid /v1/stats body ({error}). "
                  "Is it a Flash-Serve server of the same version as this dashboard?")
         return
-    _set_server_up(True)
+    _set_server_up(True, client.base_url)
 
     _metrics(stats, history)
     _block_map(stats)
@@ -68,9 +77,9 @@ def _stats_panel(client: ServerClient, history: StatsHistory) -> None:
     _latency_histograms(history)
 
 
-def _set_server_up(up: bool) -> None:
-    """Rerun the whole page when the server started or stopped since the chat was drawn, so that the chat
-    enables or disables itself.
+def _set_server_up(up: bool, server_url: str, reason: str = "") -> None:
+    """Log a change of the server's state, and rerun the whole page when the server started or stopped
+    since the chat was drawn, so that the chat enables or disables itself.
 
     In a full run the chat is drawn first, from its own check of the server. Only a change of
     this panel's own observation triggers the rerun, so a server whose /v1/models works but whose
@@ -78,9 +87,22 @@ def _set_server_up(up: bool) -> None:
     """
     previous = st.session_state.get("stats_server_up")
     st.session_state["stats_server_up"] = up
+    if previous != up:
+        if up:
+            logger.info("connected to the server at %s", server_url)
+        else:
+            logger.warning("the server at %s is unavailable: %s", server_url, reason)
     drawn_for = st.session_state.get("chat_drawn_for_up")
     if previous is not None and previous != up and drawn_for is not None and drawn_for != up:
         st.rerun()
+
+
+def _log_once(kind: str, message: str) -> None:
+    """Log `message` as a warning unless it repeats the last one of its kind in this session (a poll runs every 1.5 s)."""
+    key = f"last_logged_{kind}"
+    if st.session_state.get(key) != message:
+        st.session_state[key] = message
+        logger.warning("%s", message)
 
 
 def _server_down(server_url: str, reason: str) -> None:
@@ -107,7 +129,8 @@ def _metrics(stats: dict, history: StatsHistory) -> None:
     row[1].metric("KV fragmentation", f"{float(stats['kv_fragmentation']):.1%}",
                   help="1 - tokens stored / token slots allocated")
     row[2].metric("Output tokens", stats["output_tokens_total"])
-    row[3].metric("Recent requests", len(history.requests))
+    row[3].metric("Recent requests", len(history.requests),
+                  help=f"finished requests this page has seen, at most {history.max_requests}")
 
 
 def _block_map(stats: dict) -> None:

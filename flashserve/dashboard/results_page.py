@@ -200,19 +200,19 @@ def _figures(run: Run) -> None:
 def _compare_summaries(first: Run, second: Run) -> None:
     tables_a = dict(summary_tables(first.summary))
     tables_b = dict(summary_tables(second.summary))
-    shown = False
+    drew_comparison = False
     for title in tables_a:
         if title not in tables_b:
             continue
         merged = compare_tables(tables_a[title], tables_b[title], ("A", "B"))
         if merged is None:
             continue
-        if not shown:
+        if not drew_comparison:
             st.subheader("A vs B")
             st.caption(f"A = {first.label}, B = {second.label}; change = (B - A) / |A|")
-            shown = True
+            drew_comparison = True
         st.markdown(f"**{title}**")
         st.dataframe(merged, hide_index=True,
                      column_config={"change": st.column_config.NumberColumn(format="percent")})
-    if not shown:
+    if not drew_comparison:
         st.caption("The two runs' summaries share no table with numeric values to compare.")

@@ -47,7 +47,7 @@ def normalize_server_url(url: str) -> str:
 
 
 def serve_command(server_url: str) -> str:
-    """The command that starts a server the dashboard can reach at `server_url`."""
+    """Build the command that starts a server which the dashboard can reach at `server_url`."""
     parts = urlsplit(server_url)
     command = SERVE_COMMAND
     if parts.hostname not in (None, "127.0.0.1", "localhost"):
