@@ -40,12 +40,16 @@ class BlockManager:
         """Blocks `request` still needs so that its table covers `num_tokens` slots."""
         return max(0, self.blocks_for(num_tokens) - len(request.block_ids))
 
+    # NOTE: can_allocate and allocate inline blocks_for: they run for every request of every step.
+
     def can_allocate(self, request: Request, num_tokens: int) -> bool:
-        return self.num_missing_blocks(request, num_tokens) <= len(self._free)
+        return -(-num_tokens // self.block_size) - len(request.block_ids) <= len(self._free)
 
     def allocate(self, request: Request, num_tokens: int) -> None:
         """Grow `request`'s block table to cover `num_tokens` slots; blocks are only appended."""
-        missing = self.num_missing_blocks(request, num_tokens)
+        missing = -(-num_tokens // self.block_size) - len(request.block_ids)
+        if missing <= 0:
+            return
         if missing > len(self._free):
             raise RuntimeError(
                 f"request {request.request_id} needs {missing} more KV blocks but only "

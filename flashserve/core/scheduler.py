@@ -149,13 +149,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
 
         # running requests, oldest first
+        running = self.running
+        block_manager = self.block_manager
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
+        while index < len(running) and budget > 0:
+            request = running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._make_room(request, request.num_computed_tokens + num_new, output, now):
+            target = request.num_computed_tokens + num_new
+            # NOTE: can_allocate first only skips a call; _make_room preempts on the same test.
+            if not block_manager.can_allocate(request, target) and not self._make_room(request, target, output, now):
                 break
-            self.block_manager.allocate(request, request.num_computed_tokens + num_new)
+            block_manager.allocate(request, target)
             output.scheduled.append(self._chunk(request, num_new))
             budget -= num_new
             index += 1
@@ -229,8 +233,9 @@ class Scheduler:
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
-        samples = start + num_new == request.num_tokens
-        is_decode = num_new == 1 and samples and request.num_output_tokens > 0 and start == request.num_tokens - 1
+        num_tokens = request.num_tokens
+        samples = start + num_new == num_tokens
+        is_decode = num_new == 1 and samples and request.num_output_tokens > 0 and start == num_tokens - 1
         return ScheduledRequest(request, start, num_new, is_prefill=not is_decode, samples=samples)
 
     def _preempt(self, request: Request, output: SchedulerOutput, now: float) -> None:
@@ -251,10 +256,10 @@ class Scheduler:
         for request in self.running:
             stored = request.num_computed_tokens + new_tokens.get(request.request_id, 0)
             tokens += stored
-            slots_in_use += self.block_manager.blocks_for(stored) * block_size
+            slots_in_use += -(-stored // block_size)  # blocks_for(stored)
         output.kv_blocks_used = self.block_manager.num_used_blocks
         output.kv_tokens_used = tokens
-        output.kv_slots_in_use = slots_in_use
+        output.kv_slots_in_use = slots_in_use * block_size
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
         """Apply a finished step: advance KV progress, append sampled tokens, finish requests.
@@ -265,9 +270,9 @@ class Scheduler:
         finished = []
         for item in output.scheduled:
             request = item.request
-            if request.is_finished:  # aborted while the step ran
+            if request.status is RequestStatus.FINISHED:  # aborted while the step ran
                 continue
-            request.num_computed_tokens = item.end
+            request.num_computed_tokens = item.start + item.num_new_tokens
             if not item.samples:
                 continue
             token_id = sampled[request.request_id]
@@ -286,17 +291,26 @@ class Scheduler:
     def _record_step(self, output: SchedulerOutput, now: float) -> None:
         block_size = self.config.block_size
         allocated = output.kv_blocks_used * block_size
-        prefill_chunks = [s.num_new_tokens for s in output.scheduled if s.is_prefill]
+        prefill_tokens = prefill_seqs = context_tokens = sum_sq = sampled = 0
+        for item in output.scheduled:
+            num_new = item.num_new_tokens
+            context_tokens += item.start + num_new
+            if item.is_prefill:
+                prefill_tokens += num_new
+                prefill_seqs += 1
+                sum_sq += num_new * num_new
+            if item.samples:
+                sampled += 1
         self.step_records.append(StepRecord(
             step=output.step,
             start_time=output.start_time,
             duration=now - output.start_time,
-            num_prefill_tokens=sum(prefill_chunks),
-            num_decode_seqs=len(output.scheduled) - len(prefill_chunks),
-            num_prefill_seqs=len(prefill_chunks),
-            num_context_tokens=sum(s.end for s in output.scheduled),
-            sum_sq_prefill_tokens=sum(n * n for n in prefill_chunks),
-            num_sampled=sum(1 for s in output.scheduled if s.samples),
+            num_prefill_tokens=prefill_tokens,
+            num_decode_seqs=len(output.scheduled) - prefill_seqs,
+            num_prefill_seqs=prefill_seqs,
+            num_context_tokens=context_tokens,
+            sum_sq_prefill_tokens=sum_sq,
+            num_sampled=sampled,
             num_running=len(self.running),
             num_waiting=len(self.waiting),
             num_preempted=len(output.preempted),
