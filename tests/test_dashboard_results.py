@@ -155,7 +155,7 @@ def test_summary_tables_group_systems():
     }
     tables = dict(summary_tables(summary))
     assert list(tables) == ["run", "systems", "systems (labels)"]
-    assert tables["run"].to_dict("list") == {"name": ["workload", "seed"], "value": ["poisson", 0]}
+    assert tables["run"].to_dict("list") == {"name": ["workload", "seed"], "value": ["poisson", "0"]}
     numbers = tables["systems"].set_index("metric")
     assert list(numbers.columns) == [MEASURED, PREDICTED]
     assert numbers.loc["ttft.p50", PREDICTED] == 0.04
@@ -219,9 +219,15 @@ def test_latency_cdf_and_step_timeline(results_dir):
     assert measured_e2e["fraction"].iloc[-1] == 1.0
     assert measured_e2e["seconds"].is_monotonic_increasing
 
-    timeline = step_timeline(run.steps)
+    timeline = step_timeline(run.steps, run.requests)
     measured = timeline[timeline["system"] == MEASURED]
-    assert measured["time_s"].iloc[0] == pytest.approx(0.04)
+    assert measured["time_s"].iloc[0] == pytest.approx(0.04)  # the first request arrives at 0 s
+    late = run.requests.assign(arrival_time=run.requests["arrival_time"] - 1.0)
+    assert step_timeline(run.steps, late)["time_s"].iloc[0] == pytest.approx(1.04)
+    thinned = step_timeline(run.steps, max_points=7)
+    thinned_measured = thinned[thinned["system"] == MEASURED]
+    assert len(thinned_measured) == 9  # steps 0, 5, ..., 35 and the last one, 39
+    assert thinned_measured["output_tokens"].iloc[-1] == 120
     assert measured["output_tokens"].iloc[-1] == 120
     assert measured["kv_fragmentation"].between(0, 1).all()
 

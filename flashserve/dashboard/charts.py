@@ -173,7 +173,7 @@ def system_timeline_chart(timeline: pd.DataFrame, column: str, title: str, perce
     """Plot one step-record quantity over time, one line per system."""
     axis = alt.Axis(format="%") if percent else alt.Axis()
     return alt.Chart(timeline).mark_line(interpolate="step-after").encode(
-        alt.X("time_s:Q", title="time since the first step (s)"),
+        alt.X("time_s:Q", title="time since the first arrival (s)"),
         alt.Y(f"{column}:Q", title=None, axis=axis),
         alt.Color("system:N"),
     ).properties(height=240, title=title)

@@ -133,8 +133,9 @@ def _collect_tables(value, title: str, tables: list[tuple[str, pd.DataFrame]]) -
 
     scalars = {key: item for key, item in value.items() if _is_scalar(item)}
     if scalars:
+        # Values are text, because one Arrow column cannot mix strings and numbers.
         tables.append((title or "summary", pd.DataFrame({"name": [str(k) for k in scalars],
-                                                         "value": [_cell(v) for v in scalars.values()]})))
+                                                         "value": [str(v) for v in scalars.values()]})))
     for key, item in value.items():
         child = f"{title} / {key}" if title else str(key)
         if isinstance(item, dict) and _is_record_group(item):
@@ -189,10 +190,6 @@ def _is_scalar(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Number) and not isinstance(value, bool)
-
-
-def _cell(value):
-    return value if _is_number(value) else str(value)
 
 
 def compare_tables(first: pd.DataFrame, second: pd.DataFrame, labels: tuple[str, str]) -> pd.DataFrame | None:
@@ -322,33 +319,38 @@ def cdf(latencies: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def step_timeline(steps: pd.DataFrame, max_points: int = 400) -> pd.DataFrame:
+def step_timeline(steps: pd.DataFrame, requests: pd.DataFrame | None = None, max_points: int = 400) -> pd.DataFrame:
     """KV usage, fragmentation and cumulative output tokens over time, per system.
 
-    Time is the end of each step since that system's first step. Fragmentation is
-    1 - tokens stored / token slots allocated (0 when no slot is allocated). Each system keeps at
-    most `max_points` evenly spaced steps, so the chart stays small.
+    Time is the end of each step since the system's first arrival in `requests`, or since its
+    first step when it has no request, as in the run's figures. Fragmentation is
+    1 - tokens stored / token slots allocated (0 when no slot is allocated). Each system keeps
+    about `max_points` evenly spaced steps and its last one, so the chart stays small.
     """
     needed = {"start_time", "duration", "kv_blocks_used", "kv_blocks_total", "kv_tokens_used", "kv_slots_allocated"}
     columns = ["system", "time_s", "kv_usage", "kv_fragmentation", "output_tokens"]
     if not needed.issubset(steps.columns):
         return pd.DataFrame(columns=columns)
     systems = steps["system"].astype(str) if "system" in steps.columns else pd.Series("run", index=steps.index)
+    first_arrivals = {}
+    if requests is not None and {"system", "arrival_time"} <= set(requests.columns):
+        first_arrivals = requests.groupby(requests["system"].astype(str))["arrival_time"].min().to_dict()
     parts = []
     for system, group in steps.groupby(systems, sort=False):
         group = group.sort_values("start_time")
+        origin = float(first_arrivals.get(system, group["start_time"].iloc[0]))
         end = group["start_time"] + group["duration"]
         allocated = group["kv_slots_allocated"].astype(float)
         sampled = group["num_sampled"] if "num_sampled" in group.columns else pd.Series(0, index=group.index)
         part = pd.DataFrame({
             "system": system,
-            "time_s": end - float(group["start_time"].iloc[0]),
+            "time_s": end - origin,
             "kv_usage": group["kv_blocks_used"] / group["kv_blocks_total"],
             "kv_fragmentation": (1.0 - group["kv_tokens_used"] / allocated).where(allocated > 0, 0.0),
             "output_tokens": sampled.cumsum(),
         })
         stride = max(1, len(part) // max_points)
-        parts.append(part.iloc[::stride])
+        parts.append(part.iloc[sorted(set(range(0, len(part), stride)) | {len(part) - 1})])
     if not parts:
         return pd.DataFrame(columns=columns)
     return pd.concat(parts, ignore_index=True)

@@ -153,7 +153,7 @@ def _predicted_vs_measured(run: Run, key: str) -> None:
             right.altair_chart(charts.latency_cdf_chart(latencies, "e2e", "End-to-end latency"),
                                width="stretch")
     if run.steps is not None:
-        timeline = step_timeline(run.steps)
+        timeline = step_timeline(run.steps, run.requests)
         if timeline.empty:
             st.info("steps.parquet lacks the time or KV cache columns of a step record.")
             return
