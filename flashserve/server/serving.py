@@ -287,6 +287,9 @@ class OpenAIServing:
     # shared response plumbing
 
     def _streaming_response(self, stream: GenerationStream, chunks: AsyncIterator[str], items: list[SubmitItem]):
+        # NOTE: each chunk passes through Starlette's middleware and uvicorn's pure-Python h11
+        # protocol, a fixed CPU cost per streamed step that matters most for small models with
+        # short requests; benchmarks/http_vs_offline.py measures it against the offline engine.
         async def body() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
