@@ -79,6 +79,7 @@ def command_line() -> str:
 
 def build_manifest(*, created: str | None = None, seeds: dict, threads: int | None, workload_source: dict,
                    cost_model: dict | None, overrides: list[str], command: str | None = None) -> dict:
+    """The manifest of a run; `cost_model` holds the cost_model* entries of experiments.calibration."""
     return {
         "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or command_line(),
@@ -89,5 +90,5 @@ def build_manifest(*, created: str | None = None, seeds: dict, threads: int | No
         "torch_threads": threads if threads is not None else torch.get_num_threads(),
         "seeds": seeds,
         "trace": {k: workload_source[k] for k in ("trace_path", "trace_sha256", "citation") if k in workload_source} or None,
-        "cost_model": cost_model,
+        **(cost_model or {"cost_model": None}),
     }

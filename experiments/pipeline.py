@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from experiments.workloads import Workload, prompt_token_ids, to_json
 logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2  # status of a command rejected for a bad input, as argparse uses
+COMMAND_ENV = "FLASHSERVE_EXPERIMENTS_COMMAND"  # the command line as typed; sweep workers inherit it
 
 
 def write_inputs(cfg: DictConfig, folder: Path) -> tuple[Path, Path | None]:
@@ -122,7 +125,13 @@ def write_results(run_dir: Path, cfg: DictConfig, workload: Workload, requests: 
     return summary
 
 
-def run_experiment(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
+def job_command(task_overrides: list[str], hydra_overrides: list[str]) -> str:
+    """The command that reruns exactly this job (one job of a sweep runs without -m)."""
+    kept = [o for o in hydra_overrides if not o.startswith(("hydra.mode=", "hydra/launcher=", "hydra.launcher."))]
+    return shlex.join(["python", "-m", "experiments", "run", *task_overrides, *kept])
+
+
+def run_experiment(cfg: DictConfig, run_dir: Path, overrides: list[str], command: str | None = None) -> Path:
     """Run the experiment of `cfg` into `run_dir`; returns the report path (or the summary path without a report)."""
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     workload = check_run_config(cfg)
@@ -142,7 +151,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path
         workload_source=workload.source,
         cost_model=cost_entry,
         overrides=overrides,
+        command=command,
     )
+    manifest["invocation"] = os.environ.get(COMMAND_ENV)
     manifest["system_wall_s"] = timings
     logger.info("stage: tables and summary")
     write_results(run_dir, cfg, workload, requests, steps, manifest)
@@ -161,9 +172,10 @@ def hydra_run(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
+    command = job_command(overrides, list(hydra_cfg.overrides.hydra))
     start = time.perf_counter()
     try:
-        report = run_experiment(cfg, run_dir, overrides)
+        report = run_experiment(cfg, run_dir, overrides, command)
     except ConfigError as error:
         # reached only when the checks before Hydra were skipped; leave no folder behind
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -175,7 +187,7 @@ def hydra_run(cfg: DictConfig) -> None:
         run_dir.rename(failed)
         raise
     logger.info("done in %.1f s: %s", time.perf_counter() - start, report)
-    print(f"report: {report}")
+    print(f"{'report' if cfg.report else 'summary'}: {report}")
 
 
 def main(argv: list[str]) -> None:
@@ -191,5 +203,6 @@ def main(argv: list[str]) -> None:
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
+    os.environ[COMMAND_ENV] = shlex.join(["python", "-m", "experiments", "run", *argv])
     sys.argv = [sys.argv[0], *argv]
     hydra_run()
