@@ -240,7 +240,7 @@ class OpenAIServing:
             echo_texts = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts]
         response = _CompletionResponse(self, body, request_id, items, prompt_token_ids, echo_texts)
         if body.stream:
-            return self._streaming_response(stream, response.stream(stream), items)
+            return self._streaming_response(stream, response.stream(stream))
         return await self._collect(stream, items, response.final)
 
     @staticmethod
@@ -273,7 +273,9 @@ class OpenAIServing:
 
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         prompt, add_special_tokens = render_chat(self.tokenizer, body.messages)
-        params = self.sampling_params(body, max(1, body.min_tokens) if max_tokens is None else max_tokens, engine_logprobs)
+        # None: the engine loop fills in the context left after the prompt
+        placeholder = max(1, body.min_tokens) if max_tokens is None else max_tokens
+        params = self.sampling_params(body, placeholder, engine_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         items = self.make_items(request_id, [prompt], params, body.n, body.stream,
                                 add_special_tokens=add_special_tokens, fill_max_tokens=max_tokens is None)
@@ -281,15 +283,15 @@ class OpenAIServing:
 
         response = _ChatResponse(self, body, request_id, items, prompt_token_ids, top_logprobs or 0)
         if body.stream:
-            return self._streaming_response(stream, response.stream(stream), items)
+            return self._streaming_response(stream, response.stream(stream))
         return await self._collect(stream, items, response.final)
 
     # shared response plumbing
 
-    def _streaming_response(self, stream: GenerationStream, chunks: AsyncIterator[str], items: list[SubmitItem]):
+    def _streaming_response(self, stream: GenerationStream, chunks: AsyncIterator[str]) -> StreamingResponse:
         # NOTE: each chunk passes through Starlette's middleware and uvicorn's pure-Python h11
-        # protocol, a fixed CPU cost per streamed step that matters most for small models with
-        # short requests; benchmarks/http_vs_offline.py measures it against the offline engine.
+        # protocol. This fixed CPU cost per streamed step matters most for small models with short
+        # requests, and benchmarks/http_vs_offline.py measures it against the offline engine.
         async def body() -> AsyncIterator[str]:
             try:
                 async for chunk in chunks:
