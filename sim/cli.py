@@ -102,7 +102,11 @@ def replay(args: argparse.Namespace) -> int:
     if args.cost_model == "fitted" and not args.cost_file:
         raise InputError("--cost-model fitted needs --cost-file; create one with `python -m sim calibrate --out PATH`")
     cost_model = load_cost_model(args.cost_model, path=args.cost_file, model=args.model, hardware=args.hardware)
-    shape = model_shape(args.model, getattr(getattr(cost_model, "hardware", None), "dtype", "float32"))
+    if isinstance(cost_model, RooflineCostModel):
+        dtype = cost_model.hardware.dtype
+    else:
+        dtype = cost_model.metadata.get("dtype", "float32")
+    shape = model_shape(args.model, dtype)
     if args.cost_model == "fitted":
         fitted_model = cost_model.metadata.get("model")
         if fitted_model and fitted_model != shape.name:
@@ -115,7 +119,7 @@ def replay(args: argparse.Namespace) -> int:
         num_kv_blocks = cost_model.kv_cache_blocks(args.block_size)
         kv_source = f"{cost_model.hardware.name} memory x {cost_model.hardware.memory_utilization} minus weights"
     else:
-        num_kv_blocks, kv_source = engine_kv_blocks(args.model, cost_model.metadata.get("dtype", "float32"), args.block_size)
+        num_kv_blocks, kv_source = engine_kv_blocks(args.model, dtype, args.block_size)
     scheduler_config = SchedulerConfig(
         num_kv_blocks=num_kv_blocks,
         block_size=args.block_size,

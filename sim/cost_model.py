@@ -125,7 +125,7 @@ def feature_value(source, name: str) -> float:
     if value is None:
         raise ValueError(
             f"feature {name!r} is missing from {type(source).__name__}; plain StepRecords carry only "
-            f"{[n for n in SHAPE_FIELDS[:5]]}, profile with sim.profiling.profile_engine for the others"
+            f"{list(SHAPE_FIELDS[:6])}; profile with sim.profiling.profile_engine for the others"
         )
     return float(value)
 
@@ -249,6 +249,13 @@ def load_hardware(name: str | os.PathLike) -> HardwareSpec:
         raise ValueError(f"hardware spec {path} has unknown fields {unknown}; the fields are {sorted(known)}")
     data.setdefault("name", path.stem)
     data.setdefault("description", data["name"])
+    for name in ("peak_flops", "memory_bandwidth", "memory_capacity", "memory_utilization", "step_overhead"):
+        # PyYAML reads a float without a sign in its exponent (312.0e12) as a string
+        if isinstance(data.get(name), str):
+            try:
+                data[name] = float(data[name])
+            except ValueError:
+                raise ValueError(f"hardware spec {path}: {name} must be a number, got {data[name]!r}") from None
     try:
         return HardwareSpec(**data)
     except TypeError as error:
@@ -283,6 +290,8 @@ def model_shape(model: str, dtype: str = "bfloat16") -> ModelShape:
     from flashserve.model.loader import resolve_model
     from flashserve.model.runner import kv_bytes_per_token, resolve_dtype
 
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     source = resolve_model(model)
     config = source.hf_config
     try:
