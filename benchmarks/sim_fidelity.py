@@ -32,7 +32,7 @@ from experiments.workloads import LengthDist, prompt_token_ids, synthetic
 from flashserve.core import SchedulerConfig
 from flashserve.engine import LLMEngine
 from sim import load_cost_model, simulate
-from sim.profiling import ProfileGrid, calibrate
+from sim.profiling import LOSSES, ProfileGrid, calibrate
 
 logger = logging.getLogger("sim_fidelity")
 
@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for profiling and replay (default 1)")
     parser.add_argument("--cost-file", help="use this fitted cost model instead of calibrating")
     parser.add_argument("--save-cost-file", help="write the fitted cost model here")
+    parser.add_argument("--loss", choices=LOSSES, default="soft_l1", help="loss of the cost-model fit (default soft_l1)")
     parser.add_argument("--num-requests", type=int, default=150, help="requests in the workload (default 150)")
     parser.add_argument("--rate", type=float, default=3.0, help="Poisson arrival rate, requests/s (default 3)")
     parser.add_argument("--prompt-len", type=int, default=128, help="median prompt tokens, lognormal (default 128)")
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
         cost_model = load_cost_model("fitted", path=args.cost_file)
     else:
         cost_model = calibrate(model=args.model, out=args.save_cost_file, grid=ProfileGrid(), num_threads=args.threads,
-                               device="cpu", max_num_batched_tokens=args.max_num_batched_tokens)
+                               loss=args.loss, device="cpu", max_num_batched_tokens=args.max_num_batched_tokens)
     print(f"cost model: {cost_model.describe()}")
 
     workload = make_workload(args)

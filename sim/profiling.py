@@ -233,7 +233,7 @@ LOSSES = ("soft_l1", "linear")
 
 def fit(
     step_records: list[StepRecord],
-    features: tuple[str, ...] = FEATURES,
+    features: tuple[str, ...] | None = None,
     target: str = "elapsed",
     loss: str = "soft_l1",
     metadata: dict | None = None,
@@ -241,6 +241,8 @@ def fit(
     """Fit step time = sum of coefficient x feature (coefficients >= 0) to measured steps.
 
     Residuals are relative (error / measured time), so short steps weigh as much as long ones.
+    features: names from cost_model.FEATURES; None takes every feature the records carry (all of
+    them for ProfiledStep records, the StepRecord fields for plain records).
     target: "elapsed" (step start until LLMEngine.step() returned, in ProfiledStep records;
     plain StepRecords fall back to "duration") or "duration" (schedule to update). loss:
     "soft_l1" (robust, needs scipy) or "linear" (plain non-negative least squares).
@@ -249,10 +251,12 @@ def fit(
         raise ValueError(f"target must be one of {FIT_TARGETS}, got {target!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    steps = [r for r in step_records if r.num_prefill_seqs + r.num_decode_seqs > 0]
+    if features is None:
+        features = tuple(f for f in FEATURES if f == "intercept" or (steps and getattr(steps[0], f, None) is not None))
     unknown = [name for name in features if name not in FEATURES]
     if unknown:
         raise ValueError(f"unknown features {unknown}; the known ones are {list(FEATURES)}")
-    steps = [r for r in step_records if r.num_prefill_seqs + r.num_decode_seqs > 0]
     if len(steps) < len(features):
         raise ValueError(f"fitting {len(features)} coefficients needs at least as many steps, got {len(steps)}")
 
@@ -321,7 +325,7 @@ def calibrate(
     grid: ProfileGrid | None = None,
     num_threads: int | None = None,
     hardware: str | None = None,
-    features: tuple[str, ...] = FEATURES,
+    features: tuple[str, ...] | None = None,
     target: str = "elapsed",
     loss: str = "soft_l1",
     **engine_options,
@@ -355,7 +359,6 @@ def calibrate(
         "max_num_batched_tokens": options.get("max_num_batched_tokens", defaults.max_num_batched_tokens),
         "versions": package_versions(),
         "grid": {f.name: getattr(grid, f.name) for f in fields(grid)},
-        "features": list(features),
         "profiling_time_s": round(time.perf_counter() - start, 1),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -9,8 +9,9 @@ a duration. Two SimPy processes share one scheduler:
   with `Scheduler.update` (every sampled token is id 0 and requests stop at max_tokens). With
   nothing to run it waits for the next arrival instead of polling.
 
-Order at one simulated instant: every arrival at time t is submitted before a step that starts
-at t is scheduled. A step that ends at t is applied (tokens, finishes) before that.
+Order at one simulated instant t: first every arrival at t is submitted, then the step that ends
+at t is applied (tokens, finishes), then the next step is scheduled. So a request arriving at t
+joins the step that starts at t, and the record of the step ending at t counts it as waiting.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ class _Simulation:
                     f"{len(scheduler.running)} running requests"
                 )
             yield env.timeout(step_time(output))
+            while self.next_arrival_at <= env.now:
+                yield env.timeout(0)
             scheduler.update(output, sampled, env.now)
 
             num_steps += 1

@@ -224,6 +224,7 @@ def test_arrival_at_step_end_joins_next_step():
     records = {r.request_id: r for r in result.request_records}
 
     assert records["b"].first_scheduled_time == 1.0
+    assert result.step_records[0].num_waiting == 1
     second = result.step_records[1]
     assert second.start_time == 1.0
     assert (second.num_prefill_seqs, second.num_decode_seqs) == (1, 1)
@@ -237,6 +238,7 @@ def test_arrival_queued_during_step_still_precedes_next_step():
 
     assert records["c"].first_scheduled_time == 1.0
     assert records["b"].first_scheduled_time == 1.0
+    assert result.step_records[0].num_waiting == 2
     second = result.step_records[1]
     assert (second.num_prefill_seqs, second.num_decode_seqs) == (2, 1)
 
