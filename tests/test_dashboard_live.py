@@ -285,7 +285,7 @@ def test_page_when_server_is_down(monkeypatch, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     at = make_app(monkeypatch, url, tmp_path).run()
     assert not at.exception
-    assert any(f"No Flash-Serve server answers at {url}" in error.value for error in at.error)
+    assert any(f"No Flash-Serve server responds at {url}" in error.value for error in at.error)
     assert [code.value for code in at.code] == [f"flashserve serve --model tiny-llama --port {url.rsplit(':', 1)[1]}"]
     assert at.chat_input[0].disabled
     assert not at.metric

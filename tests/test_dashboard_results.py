@@ -129,6 +129,14 @@ def test_load_run_reads_every_file(results_dir):
     assert list(run.configs) == ["config.yaml"]
 
 
+def test_load_run_under_hidden_folder(tmp_path):
+    run_dir = write_run(tmp_path / ".cache" / "results" / "2026-12-01" / "10-00-00-poisson", "poisson")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "scratch.png").write_bytes((run_dir / "figures" / "throughput.png").read_bytes())
+    run = load_run(run_dir, tmp_path / ".cache" / "results")
+    assert [f.relative_to(run_dir).as_posix() for f in run.figures] == ["figures/throughput.png"]
+
+
 def test_load_run_survives_missing_and_broken_files(tmp_path):
     folder = tmp_path / "2026-12-05" / "08-00-00-partial"
     folder.mkdir(parents=True)

@@ -59,7 +59,7 @@ class ServerClient:
     ) -> Iterator[str]:
         """POST /v1/chat/completions with stream=true and yield the text of each content delta.
 
-        Raises ServerUnavailable when the request fails or the server answers with an error status.
+        Raises ServerUnavailable when the request fails or the server responds with an error status.
         """
         url = self.base_url + "/v1/chat/completions"
         body = {

@@ -106,7 +106,7 @@ def _log_once(kind: str, message: str) -> None:
 
 
 def _server_down(server_url: str, reason: str) -> None:
-    st.error(f"No Flash-Serve server answers at {server_url}.")
+    st.error(f"No Flash-Serve server responds at {server_url}.")
     st.caption(reason)
     st.markdown("Start one, then this page connects by itself:")
     st.code(serve_command(server_url), language="bash")

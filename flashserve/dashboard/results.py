@@ -100,7 +100,9 @@ def load_run(path: str | os.PathLike, results_dir: str | os.PathLike | None = No
                 run.configs[name] = config_path.read_text()
             except OSError as error:
                 run.errors[name] = str(error)
-    run.figures = sorted(p for p in path.rglob("*.png") if not any(part.startswith(".") for part in p.parts))
+    run.figures = sorted(
+        png for png in path.rglob("*.png") if not any(part.startswith(".") for part in png.relative_to(path).parts)
+    )
 
     for name, reason in run.errors.items():
         logger.warning("run %s: cannot read %s: %s", path, name, reason)
