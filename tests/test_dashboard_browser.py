@@ -111,6 +111,11 @@ def test_live_page_chat_and_block_map(dashboard, tmp_path):
             # a later refresh lists the finished chat request in the latency histograms
             expect(page.get_by_text(re.compile(r"^Time to first token: \d+ values"))).to_be_visible(timeout=10_000)
 
+            # pause the refresh, so that the screenshot catches no chart while it is redrawn
+            page.get_by_text("Refresh every 1.5 s").click()
+            expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=10_000)
+            page.wait_for_timeout(1_000)
+            expect(page.get_by_test_id("stChatMessage").filter(has_text="You said: hello from chromium")).to_be_visible()
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()

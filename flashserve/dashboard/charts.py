@@ -127,7 +127,7 @@ def queue_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     return alt.Chart(long).mark_line(interpolate="step-before", point=_show_points(timeline)).encode(
         _time_axis(domain),
         alt.Y("requests:Q", title="requests", axis=alt.Axis(tickMinStep=1, format="d")),
-        alt.Color("queue:N", title=None, legend=alt.Legend(orient="bottom")),
+        alt.Color("queue:N", title=None),
     ).properties(height=200, title="Requests running and waiting")
 
 
@@ -138,7 +138,7 @@ def kv_chart(timeline: pd.DataFrame, domain: Domain) -> alt.Chart:
     return alt.Chart(long).mark_line(interpolate="step-before", point=_show_points(timeline)).encode(
         _time_axis(domain),
         alt.Y("fraction:Q", title=None, axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
-        alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
+        alt.Color("series:N", title=None),
     ).properties(height=200, title="KV cache usage and fragmentation")
 
 

@@ -222,6 +222,7 @@ def _chat_panel(client: ServerClient) -> None:
         _draw_message(messages[-1])
         with st.chat_message("assistant"):
             conversation = [m for m in messages if m["role"] in ("user", "assistant")]
+            # NOTE: a session runs one script or fragment run at a time, so the stats panel pauses while a reply streams.
             try:
                 reply = st.write_stream(client.stream_chat(model, conversation, int(max_tokens), float(temperature)))
             except ServerUnavailable as error:
