@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard.add_argument("--server", default="http://127.0.0.1:8000", help="URL of a running flashserve server")
     dashboard.add_argument("--results", default="results/", help="folder of experiment results to show")
     dashboard.add_argument("--port", type=int, default=8501, help="port of the dashboard (default 8501)")
+    dashboard.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default 127.0.0.1)")
     return parser
 
 
@@ -94,7 +95,8 @@ def dashboard_command(args: argparse.Namespace) -> list[str]:
     app = Path(flashserve.dashboard.__file__).parent / "app.py"
     return [
         sys.executable, "-m", "streamlit", "run", str(app),
-        "--server.port", str(args.port), "--server.headless", "true",
+        "--server.port", str(args.port), "--server.address", args.host, "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
         "--", "--server", args.server, "--results", args.results,
     ]
 

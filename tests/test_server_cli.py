@@ -49,7 +49,8 @@ def test_dashboard_command_runs_streamlit_app():
     assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
     assert Path(command[4]).name == "app.py"
     assert Path(command[4]).parent.name == "dashboard"
-    assert command[5:] == ["--server.port", "8600", "--server.headless", "true",
+    assert command[5:] == ["--server.port", "8600", "--server.address", "127.0.0.1", "--server.headless", "true",
+                           "--browser.gatherUsageStats", "false",
                            "--", "--server", "http://127.0.0.1:9001", "--results", "out/"]
 
 
