@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 @hydra.main(config_path=str(CONF_DIR), config_name="calibrate", version_base="1.3")
 def hydra_calibrate(cfg: DictConfig) -> None:
+    if cfg.sim.calibration_grid not in calibration.CALIBRATION_GRIDS:
+        print(f"error: sim.calibration_grid must be one of {calibration.CALIBRATION_GRIDS}, "
+              f"got {cfg.sim.calibration_grid!r}", file=sys.stderr)
+        sys.exit(2)
     if cfg.engine.threads is not None:
         torch.set_num_threads(cfg.engine.threads)
     out_path = Path(cfg.output) if cfg.output else calibration.cost_file(cfg)

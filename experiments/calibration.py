@@ -42,7 +42,7 @@ def cache_key(cfg: DictConfig) -> str:
 
 
 def cost_file(cfg: DictConfig) -> Path:
-    """The fitted cost model file of a run: sim.cost_file, else the calibration cache entry."""
+    """Return the fitted cost model file of a run: sim.cost_file, else the calibration cache entry."""
     if cfg.sim.cost_file:
         return Path(cfg.sim.cost_file)
     return Path(cfg.calibration_dir) / f"{cache_key(cfg)}.json"
@@ -78,7 +78,10 @@ def calibrate(cfg: DictConfig, model_file: Path, out_path: Path) -> Path:
 
 
 def resolve_cost_model(cfg: DictConfig, model_file: Path, hardware_file: Path | None):
-    """The run's cost model and its manifest entry; calibrates and caches a missing fitted model."""
+    """Load the run's cost model and return it with its manifest entries.
+
+    A missing fitted model is calibrated and cached first.
+    """
     from sim import load_cost_model
 
     if cfg.sim.cost_model == "roofline":

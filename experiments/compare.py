@@ -68,7 +68,7 @@ def offered_rate(config: dict, workload: dict) -> float | None:
 
 
 def run_rows(run_dir: Path) -> list[dict]:
-    """One row per system of a run folder."""
+    """Read a run folder into one row per system."""
     summary = json.loads((run_dir / "summary.json").read_text())
     config_path, workload_path = run_dir / "config.yaml", run_dir / "workload.json"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
@@ -104,7 +104,7 @@ def compare_frame(runs: list[Path]) -> pd.DataFrame:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A Markdown table of the headline columns."""
+    """Format the headline columns as a Markdown table."""
     columns = ["run", "system", "offered_rate", "request_throughput", "output_throughput", "ttft_p50", "ttft_p90",
                "tpot_p50", "e2e_p50", "e2e_p90", "kv_fragmentation", "num_preemptions"]
     columns = [c for c in columns if c in frame]
@@ -121,7 +121,7 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def run_label(run_dir: Path) -> str:
-    """The folder name, with its sweep folder's name for a numbered job of a multirun."""
+    """Name a run by its folder, prefixed with the sweep folder for a numbered job of a multirun."""
     return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
 
 

@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def git_state(root: Path = REPO_ROOT) -> dict:
-    """The commit of the checkout and whether tracked or untracked files differ from it."""
+    """Return the commit of the checkout and whether tracked or untracked files differ from it."""
     def git(*args) -> str | None:
         try:
             result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
@@ -49,7 +49,7 @@ def package_versions() -> dict:
 
 
 def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where it exists, else platform.processor()."""
+    """Return the CPU model from /proc/cpuinfo where it exists, else platform.processor()."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
@@ -70,7 +70,7 @@ def hardware() -> dict:
 
 
 def command_line() -> str:
-    """The command as typed: `python -m experiments ...` when run as a module."""
+    """Return the command as typed, in the `python -m experiments ...` form when run as a module."""
     argv = list(sys.argv)
     if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "experiments":
         argv = ["python", "-m", "experiments", *argv[1:]]
@@ -79,7 +79,7 @@ def command_line() -> str:
 
 def build_manifest(*, created: str | None = None, seeds: dict, threads: int | None, workload_source: dict,
                    cost_model: dict | None, overrides: list[str], command: str | None = None) -> dict:
-    """The manifest of a run; `cost_model` holds the cost_model* entries of experiments.calibration."""
+    """Assemble the manifest of a run. `cost_model` contains the cost_model* entries of experiments.calibration."""
     return {
         "created": created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command or command_line(),

@@ -1,7 +1,7 @@
 """`python -m experiments run`: replay one workload through every selected system and write the
 tables, summary, manifest and report into the run folder that Hydra creates.
 
-A run folder holds config.yaml, overrides.yaml, manifest.json, workload.json, requests.parquet,
+A run folder contains config.yaml, overrides.yaml, manifest.json, workload.json, requests.parquet,
 steps.parquet, summary.json, figures/ and report.md/report.html, plus Hydra's .hydra/ and log.
 The tables and the summary are written only once every system has finished. A run that fails
 halfway is renamed to `<folder>.failed`, and one that fails its config checks is removed.
@@ -126,7 +126,7 @@ def write_results(run_dir: Path, cfg: DictConfig, workload: Workload, requests: 
 
 
 def job_command(task_overrides: list[str], hydra_overrides: list[str]) -> str:
-    """The command that reruns exactly this job (one job of a sweep runs without -m)."""
+    """Return the command that reruns exactly this job (one job of a sweep runs without -m)."""
     kept = [o for o in hydra_overrides if not o.startswith(("hydra.mode=", "hydra/launcher=", "hydra.launcher."))]
     return shlex.join(["python", "-m", "experiments", "run", *task_overrides, *kept])
 
@@ -168,7 +168,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, overrides: list[str], command
 
 @hydra.main(config_path=str(CONF_DIR), config_name="run", version_base="1.3")
 def hydra_run(cfg: DictConfig) -> None:
-    """The Hydra task of `run`: one job of a run or of a multirun sweep."""
+    """Run one job of `run` or of a multirun sweep (the Hydra task function)."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)

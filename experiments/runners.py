@@ -37,7 +37,7 @@ def sampling_params(spec: RequestSpec) -> SamplingParams:
 
 
 def engine_config(cfg, model_file: Path, batching: str, kv_allocation: str) -> EngineConfig:
-    """The EngineConfig of a measured system from the run config's `engine` and `model` sections."""
+    """Build the EngineConfig of a measured system from the run config's `engine` and `model` sections."""
     engine = cfg.engine
     return EngineConfig(
         model=str(model_file),

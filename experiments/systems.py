@@ -32,7 +32,7 @@ class System:
 
 
 def known_systems() -> list[str]:
-    """Every accepted system name."""
+    """Return every accepted system name."""
     variants = list(DEFAULT_KV_ALLOCATION)
     variants += [f"{batching}-{allocation}" for batching in BATCHING_POLICIES for allocation in KV_ALLOCATIONS]
     names = [f"{kind}/{variant}" for kind in ("measured", "predicted") for variant in variants]
@@ -40,7 +40,7 @@ def known_systems() -> list[str]:
 
 
 def parse_system(name: str) -> System:
-    """The System a name stands for; ValueError with the accepted names for an unknown one."""
+    """Parse a system name. Raises ValueError, listing the accepted names, for an unknown one."""
     if name == HTTP_SYSTEM:
         return System(name, "measured", "http", None, None)
     if name == "baseline/hf-generate":

@@ -1,8 +1,8 @@
 """Checks of a composed run config, done before any folder is created.
 
 `python -m experiments run` composes the config of every job of a sweep with Hydra's compose
-API and checks it here first, so that a bad input exits with status 2 and a message that names
-the value and the fix, and leaves no run folder behind.
+API and checks it here first. A bad input therefore exits with status 2 and a message that names
+the value and the fix, and it leaves no run folder behind.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from experiments.config import CONF_DIR, available_options, register_configs
 from experiments.systems import HTTP_SYSTEM, parse_system
 from experiments.workloads import Workload, from_config
 from flashserve.core.block_manager import BlockManager
+from flashserve.model.runner import resolve_device, resolve_dtype
+from sim.cost_model import FittedCostModel
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,10 @@ def check_run_config(cfg: DictConfig) -> Workload:
     """Raise ConfigError for any invalid setting of a run; returns the workload it builds."""
     if cfg.get("workload") is None:
         raise ConfigError(no_workload_message())
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid config: {error}") from None
 
     systems = _check_systems(cfg)
     _check_engine(cfg)
@@ -85,6 +91,8 @@ def _check_engine(cfg: DictConfig) -> None:
         raise ConfigError(f"engine.warmup_requests must be >= 0, got {engine.warmup_requests}")
     try:
         engine_config(cfg, Path("model.yaml"), "continuous", "paged").validate()
+        device = resolve_device(engine.device)
+        resolve_dtype(engine.dtype, device)
     except ValueError as error:
         raise ConfigError(f"invalid engine setting: {error}") from None
 
@@ -142,6 +150,11 @@ def _check_sim(cfg: DictConfig) -> None:
             raise ConfigError(f"sim.cost_file={cfg.sim.cost_file} not found; create it with "
                               f"`python -m experiments calibrate output={cfg.sim.cost_file}` or set sim.cost_file=null "
                               f"to use the calibration cache")
+        if path.is_file():
+            try:
+                FittedCostModel.load(path)
+            except ValueError as error:
+                raise ConfigError(f"{error}; delete it to calibrate again, or point sim.cost_file at another file") from None
         if not path.is_file() and not cfg.sim.calibrate_if_missing:
             raise ConfigError(f"no fitted cost model at {path} and sim.calibrate_if_missing is false; run "
                               f"`python -m experiments calibrate` first or set sim.calibrate_if_missing=true")
@@ -158,7 +171,7 @@ def _check_http(cfg: DictConfig) -> None:
 
 
 def job_overrides(overrides: list[str]) -> list[list[str]]:
-    """The override list of every job that a command line's sweeps expand to (one for a plain run).
+    """Expand a command line's sweeps into the override list of every job (one for a plain run).
 
     A sweep that cannot be enumerated here (a glob, or an interval for an optimizer) is left out
     and checked by each job itself.
@@ -204,7 +217,3 @@ def _missing_option_message(job: list[str], error: Exception) -> str:
             command = RUN_COMMAND if key == "workload" else f"python -m experiments run +workload=poisson {key}=NAME"
             return f"unknown {key} {value!r}; choose one of {available_options(key)}, for example:\n  {command}"
     return str(error)
-
-
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

@@ -309,7 +309,7 @@ def from_config(cfg, seed: int, max_model_len: int | None = None) -> Workload:
 
 
 def to_json(workload: Workload) -> dict:
-    """The workload's name, size, transformations and source, for workload.json."""
+    """Describe the workload for workload.json: name, size, transformations and source."""
     frame = workload.to_frame()
     return {
         "name": workload.name,

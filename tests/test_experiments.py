@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subpro
 
 
 def run_folders(results: Path) -> list[Path]:
-    """Folders that look like a run: any folder under `results` that holds a config.yaml or a .hydra/."""
+    """Folders that look like a run: any folder under `results` that contains a config.yaml or a .hydra/."""
     if not results.exists():
         return []
     return [p for p in results.rglob("*")
@@ -183,6 +184,30 @@ def test_report_rejects_missing_folder(tmp_path):
     result = run_cli("report", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert "not found" in result.stderr
+
+
+def test_interrupted_run_renamed_failed(conf_dir, cost_file, tmp_path):
+    results = tmp_path / "results"
+    overrides = [o for o in tiny(conf_dir, cost_file, results) if not o.startswith("workload.num_requests=")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments", "run", "+workload=poisson", "systems=[measured/continuous]",
+         "workload.num_requests=3000", *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        for line in process.stdout:  # Hydra logs to stdout
+            if "stage: measured/continuous" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    folders = [p for p in results.glob("*/*") if p.is_dir()]
+    assert len(folders) == 1, folders
+    assert folders[0].name.endswith("-poisson.failed")
+    assert not (folders[0] / "summary.json").exists()
 
 
 # sweeps
