@@ -53,7 +53,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def _natural_key(path: Path):
-    return (0, int(path.name)) if path.name.isdigit() else (1, path.name)
+    """Sort the jobs of a sweep (`<num>-<workload>`) by job number, other folders by name."""
+    number = path.name.split("-", 1)[0]
+    return (0, int(number), path.name) if number.isdigit() else (1, 0, path.name)
 
 
 def offered_rate(config: dict, workload: dict) -> float | None:
@@ -121,8 +123,8 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 
 def run_label(run_dir: Path) -> str:
-    """Name a run by its folder, prefixed with the sweep folder for a numbered job of a multirun."""
-    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.isdigit() else run_dir.name
+    """Name a run by its folder, prefixed with the sweep folder for a job of a multirun."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.parent.name.endswith("-sweep") else run_dir.name
 
 
 def _format(value) -> str:

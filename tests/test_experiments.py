@@ -219,10 +219,10 @@ def test_multirun_joblib_and_compare(conf_dir, cost_file, tmp_path):
     result = run_cli("run", "-m", "+workload=poisson", "workload.rate=10,40", "hydra/launcher=joblib",
                      "hydra.launcher.n_jobs=2", "systems=[predicted/continuous]", "report=false", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    sweeps = list(results.glob("*/*-poisson-sweep"))
+    sweeps = list(results.glob("*/*-sweep"))
     assert len(sweeps) == 1, sweeps
     jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]
+    assert [p.name for p in jobs] == ["0-poisson", "1-poisson"]
     rates = sorted(json.loads((job / "workload.json").read_text())["source"]["rate"] for job in jobs)
     assert rates == [10.0, 40.0]
 
