@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments import calibration
-from experiments.compare import offered_rate
+from experiments.compare import find_runs, offered_rate, run_label
 from experiments.config import DEFAULT_SYSTEMS, RunConfig, available_options
 from experiments.metrics import requests_frame, steps_frame
 from experiments.summary import build_summary
@@ -204,6 +204,22 @@ def test_offered_rate_from_config_or_arrivals():
     assert offered_rate({"workload": {"rate": 4}}, {}) == 4.0
     assert offered_rate({"workload": {"kind": "azure"}}, {"num_requests": 11, "duration_s": 5.0}) == 2.0
     assert offered_rate({"workload": {"rate": math.inf}}, {"num_requests": 1, "duration_s": 0.0}) is None
+
+
+def test_find_runs_orders_sweep_jobs(tmp_path):
+    sweep = tmp_path / "12-00-00-sweep"
+    for name in ("10-poisson", "2-poisson", "0-gamma"):
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "summary.json").write_text("{}")
+    (sweep / "notes").mkdir()
+    runs = find_runs([sweep])
+    assert [run.name for run in runs] == ["0-gamma", "2-poisson", "10-poisson"]
+    assert run_label(runs[0]) == "12-00-00-sweep/0-gamma"
+
+
+def test_find_runs_rejects_empty_folder(tmp_path):
+    with pytest.raises(ValueError, match="summary.json"):
+        find_runs([tmp_path])
 
 
 def test_cache_key_depends_on_threads_and_model():
