@@ -130,15 +130,7 @@ def synthetic(
     outputs = output_len.sample(rng, num_requests, "GeneratedTokens")
     transformations = [f"{process} arrivals at {rate} req/s" + (f", burstiness {burstiness}" if process == "gamma" else "")]
     transformations.append(f"prompt lengths: {_describe(prompt_len)}; output lengths: {_describe(output_len)}")
-    if max_model_len is not None:
-        prompts, outputs, note = fit_to_context(prompts, outputs, max_model_len)
-        if note:
-            transformations.append(note)
-
-    requests = [
-        RequestSpec(f"req-{i}", float(t), int(p), int(o))
-        for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs))
-    ]
+    requests = build_requests(arrivals, prompts, outputs, max_model_len, transformations)
     source = {"generator": process, "rate": rate, "num_requests": num_requests, "seed": seed, "burstiness": burstiness}
     return Workload(name or process, requests, transformations, source)
 
@@ -160,6 +152,18 @@ def fit_to_context(prompts: np.ndarray, outputs: np.ndarray, max_model_len: int)
     changed = int(np.sum((prompts + outputs) >= max_model_len))
     note = f"clipped to prompt + output <= {max_model_len} tokens (max_model_len)" if changed else ""
     return prompts, np.maximum(outputs, 1), note
+
+
+def build_requests(arrivals, prompts, outputs, max_model_len: int | None, transformations: list[str]) -> list[RequestSpec]:
+    """RequestSpecs with ids req-0, req-1, ...; lengths first fitted to max_model_len (noted in `transformations`)."""
+    if max_model_len is not None:
+        prompts, outputs, note = fit_to_context(prompts, outputs, max_model_len)
+        if note:
+            transformations.append(note)
+    return [
+        RequestSpec(f"req-{i}", float(t), int(p), int(o))
+        for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs))
+    ]
 
 
 def read_azure_trace(path: str | Path) -> pd.DataFrame:
@@ -246,15 +250,7 @@ def azure_trace(
     if max_output_len is not None and (outputs > max_output_len).any():
         transformations.append(f"{int((outputs > max_output_len).sum())} outputs clipped to {max_output_len} tokens")
         outputs = np.minimum(outputs, max_output_len)
-    if max_model_len is not None:
-        prompts, outputs, note = fit_to_context(prompts, outputs, max_model_len)
-        if note:
-            transformations.append(note)
-
-    requests = [
-        RequestSpec(f"req-{i}", float(t), int(p), int(o))
-        for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs))
-    ]
+    requests = build_requests(arrivals, prompts, outputs, max_model_len, transformations)
     source = {"trace_path": str(Path(path).resolve()), "trace_sha256": file_sha256(path), "citation": AZURE_TRACE_CITATION}
     return Workload(name, requests, transformations, source)
 
