@@ -1,7 +1,7 @@
 """Cost models: the predicted duration of one engine step from the shape of its batch.
 
-Two models share one interface, `step_time(output) -> seconds`, applied to the scheduler's
-`SchedulerOutput`:
+Two models share one interface, `step_time(output, after_idle) -> seconds`, applied to the
+scheduler's `SchedulerOutput`:
 
 - `FittedCostModel`: a linear function of the step's shape, fitted to steps the real engine ran
   (see `sim.profiling`). It predicts the machine it was measured on.
@@ -48,13 +48,14 @@ class StepShape:
     num_attention_pairs: int  # causal (query, key) pairs over all sequences
     num_padded_decode_keys: int  # decode sequences x maximum decode context: keys of a padded batched decode
     num_padded_prefill_scores: int  # prefill sequences x maximum chunk x maximum prefill context
+    after_idle: int = 0  # 1 for the first step after the engine waited idle for an arrival, else 0
 
     @property
     def num_tokens(self) -> int:
         return self.num_prefill_tokens + self.num_decode_seqs
 
 
-def step_shape(output: SchedulerOutput) -> StepShape:
+def step_shape(output: SchedulerOutput, after_idle: bool = False) -> StepShape:
     """Shape of a scheduled step, computed in one pass over its sequences."""
     prefill_tokens = prefill_seqs = decode_seqs = context = sum_sq = sampled = pairs = 0
     max_decode_context = max_chunk = max_prefill_context = 0
@@ -81,7 +82,7 @@ def step_shape(output: SchedulerOutput) -> StepShape:
                 max_decode_context = end
     return StepShape(
         prefill_tokens, prefill_seqs, decode_seqs, context, sum_sq, sampled, pairs,
-        decode_seqs * max_decode_context, prefill_seqs * max_chunk * max_prefill_context,
+        decode_seqs * max_decode_context, prefill_seqs * max_chunk * max_prefill_context, int(after_idle),
     )
 
 
@@ -91,8 +92,9 @@ class CostModel:
     kind = "base"
     is_estimate = False  # True when the figures come from datasheet peaks, not from measurements
 
-    def step_time(self, output: SchedulerOutput) -> float:
-        return self.shape_time(step_shape(output))
+    def step_time(self, output: SchedulerOutput, after_idle: bool = False) -> float:
+        """Seconds that the step `output` takes; `after_idle` marks the first step after an idle wait."""
+        return self.shape_time(step_shape(output, after_idle))
 
     def shape_time(self, shape: StepShape) -> float:
         raise NotImplementedError
@@ -113,6 +115,7 @@ FEATURES = (
     "sum_sq_prefill_tokens",
     "num_padded_decode_keys",
     "num_padded_prefill_scores",
+    "after_idle",
 )
 SHAPE_FIELDS = tuple(f.name for f in fields(StepShape))
 

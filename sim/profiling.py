@@ -42,6 +42,7 @@ class ProfileGrid:
     ragged: bool = True  # also profile decode cells whose contexts spread over [L/8, L]
     mixed: tuple[tuple[int, int], ...] = ((4, 64), (16, 256), (32, 32), (8, 1024))  # (decoding seqs, new prompt length)
     repeats: int = 2  # times each cell runs
+    idle_gap_s: float = 0.1  # seconds the engine idles before every second run of a cell (0: never)
     max_cell_tokens: int = 16384  # maximum prompt tokens of one cell, which bounds its run time
 
     def __post_init__(self) -> None:
@@ -52,6 +53,8 @@ class ProfileGrid:
         for name in ("num_decode_steps", "repeats", "max_cell_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.idle_gap_s < 0:
+            raise ValueError(f"idle_gap_s must be >= 0, got {self.idle_gap_s}")
 
 
 SMALL_GRID = ProfileGrid(
@@ -66,11 +69,13 @@ class ProfiledStep(StepRecord):
 
     `elapsed` is the time from the step's start until `LLMEngine.step()` returned: `duration`
     plus the engine's per-step work after the scheduler update (building request outputs).
+    `after_idle` is 1 for the first step after the engine slept `ProfileGrid.idle_gap_s`.
     """
 
     num_attention_pairs: int = 0
     num_padded_decode_keys: int = 0
     num_padded_prefill_scores: int = 0
+    after_idle: int = 0
     elapsed: float = 0.0
 
 
@@ -129,18 +134,23 @@ def profile_engine(
     shapes: dict[int, StepShape] = {}
     elapsed: dict[int, float] = {}
     schedule = engine.scheduler.schedule
+    idle = [False]  # True between an idle gap and the next step
 
     def recording_schedule(now: float):
         output = schedule(now)
         if not output.is_empty:
-            shapes[output.step] = step_shape(output)
+            shapes[output.step] = step_shape(output, after_idle=idle[0])
+            idle[0] = False
         return output
 
     # NOTE: the wrapper only observes each SchedulerOutput, to record the padded shape terms
     # that a StepRecord does not carry; scheduling itself is unchanged.
     engine.scheduler.schedule = recording_schedule
 
-    def run_cell(prompts, joiners, params_for):
+    def run_cell(prompts, joiners, params_for, idle_gap: float = 0.0):
+        if idle_gap > 0:
+            time.sleep(idle_gap)
+            idle[0] = True
         for prompt_len, max_tokens in prompts:
             engine.add_request(None, [PROMPT_TOKEN] * prompt_len, params_for(max_tokens))
         num_steps = 0
@@ -171,7 +181,8 @@ def profile_engine(
         if needed > capacity:
             logger.warning("skipping profiling cell %s: it needs %d KV slots, the cache has %d", label, needed, capacity)
             continue
-        run_cell(prompts, joiners, params_for)
+        # every second cell of the list starts after an idle gap: with repeats=2, the second run of each cell
+        run_cell(prompts, joiners, params_for, grid.idle_gap_s if index % 2 == 1 else 0.0)
         if (index + 1) % 10 == 0:
             logger.info("profiled %d/%d cells (%.0f s)", index + 1, len(cells), time.perf_counter() - start)
 
@@ -183,6 +194,7 @@ def profile_engine(
             num_attention_pairs=shape.num_attention_pairs,
             num_padded_decode_keys=shape.num_padded_decode_keys,
             num_padded_prefill_scores=shape.num_padded_prefill_scores,
+            after_idle=shape.after_idle,
             elapsed=elapsed.get(record.step, record.duration),
         ))
     logger.info("profiled %d steps over %d cells in %.1f s", len(profiled), len(cells), time.perf_counter() - start)
@@ -343,7 +355,10 @@ def calibrate(
 
     grid = grid or ProfileGrid()
     start = time.perf_counter()
+    cpu_start = time.process_time()
     steps = profile_engine(model, grid, num_threads=num_threads, **engine_options)
+    # CPU seconds per wall second while profiling: below the thread count, another process took the CPU
+    cpu_share = (time.process_time() - cpu_start) / (time.perf_counter() - start)
     options = {k: v for k, v in engine_options.items() if v is not None}
     defaults = EngineConfig()
     device = resolve_device(options.get("device", defaults.device))
@@ -360,6 +375,7 @@ def calibrate(
         "versions": package_versions(),
         "grid": {f.name: getattr(grid, f.name) for f in fields(grid)},
         "profiling_time_s": round(time.perf_counter() - start, 1),
+        "profiling_cpu_share": round(cpu_share, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     cost_model = fit(steps, features=features, target=target, loss=loss, metadata=metadata_)

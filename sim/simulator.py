@@ -106,6 +106,7 @@ class _Simulation:
         step_time = self.cost_model.step_time
         sampled = _ZeroTokens()
         num_steps = 0
+        after_idle = False
         while True:
             # an arrival due at this instant is still queued in SimPy: let it run first
             if self.next_arrival_at <= env.now:
@@ -118,6 +119,7 @@ class _Simulation:
                 self.wakeup = env.event()
                 yield self.wakeup
                 self.wakeup = None
+                after_idle = True
                 continue
 
             output = scheduler.schedule(env.now)
@@ -126,7 +128,8 @@ class _Simulation:
                     f"the scheduler scheduled nothing at t={env.now:.6f} s with {len(scheduler.waiting)} waiting and "
                     f"{len(scheduler.running)} running requests"
                 )
-            yield env.timeout(step_time(output))
+            yield env.timeout(step_time(output, after_idle))
+            after_idle = False
             while self.next_arrival_at <= env.now:
                 yield env.timeout(0)
             scheduler.update(output, sampled, env.now)

@@ -253,6 +253,14 @@ def test_idle_engine_admits_simultaneous_arrivals_together():
     assert all(r.finish_time == 6.0 for r in result.request_records)
 
 
+def test_first_step_after_idle_costs_extra():
+    specs = [RequestSpec("a", 0.0, 8, 2), RequestSpec("b", 10.0, 8, 1), RequestSpec("c", 10.5, 8, 1)]
+    result = simulate(specs, config(), FittedCostModel({"intercept": 1.0, "after_idle": 0.5}))
+
+    durations = [s.duration for s in result.step_records]
+    assert durations == [1.0, 1.0, 1.5, 1.0]  # "c" arrives while "b"'s step runs, so no idle wait
+
+
 def test_idle_gaps_are_not_polled():
     specs = [RequestSpec("early", 0.0, 8, 2), RequestSpec("late", 1000.0, 8, 2)]
     result = simulate(specs, config(), constant_steps(0.25))
