@@ -47,7 +47,7 @@ class SyntheticWorkloadConfig:
     name: str = MISSING  # names the run folder and the report
     kind: str = "synthetic"
     process: str = "poisson"  # "poisson", "gamma" or "constant"
-    rate: float = 12.0  # requests per second; inf sends every request at time 0
+    rate: float = 10.0  # requests per second; inf sends every request at time 0
     num_requests: int = 160
     burstiness: float = 1.0  # gamma shape: 1 is Poisson, below 1 burstier, above 1 smoother
     prompt_len: LengthConfig = field(default_factory=LengthConfig)
