@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -95,6 +96,13 @@ def _check_engine(cfg: DictConfig) -> None:
         resolve_dtype(engine.dtype, device)
     except ValueError as error:
         raise ConfigError(f"invalid engine setting: {error}") from None
+
+    checkpoint = (cfg.model or {}).get("path")
+    if checkpoint and not (Path(os.path.expandvars(str(checkpoint))).expanduser() / "config.json").is_file():
+        raise ConfigError(
+            f"model.path={checkpoint} of model {cfg.model.get('name')} is not a checkpoint directory with a "
+            f"config.json; point it at one, or set model.path=null to run the model's shape with random weights"
+        )
 
     hf_config = (cfg.model or {}).get("hf_config") or {}
     model_max = hf_config.get("max_position_embeddings") or 2048

@@ -262,6 +262,22 @@ def test_azure_trace_replay(conf_dir, cost_file, trace_dir, tmp_path):
     assert len(manifest["trace"]["trace_sha256"]) == 64
 
 
+# trained model
+
+
+def test_stories260k_run(stories260k, cost_file, conf_dir, tmp_path):
+    results = tmp_path / "results"
+    overrides = [o for o in tiny(conf_dir, cost_file, results) if not o.startswith(("model=", "hydra.searchpath="))]
+    result = run_cli("run", "+workload=poisson", "model=stories260k", "systems=[measured/continuous]", "report=false",
+                     *overrides, env={"FLASHSERVE_STORIES260K": stories260k})
+    assert result.returncode == 0, result.stderr[-3000:]
+    [run] = run_folders(results)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["run"]["model"] == "stories260k"
+    assert summary["systems"]["measured/continuous"]["num_completed"] == 6
+    assert f"path: {stories260k}" in (run / "config.yaml").read_text()
+
+
 # calibration
 
 

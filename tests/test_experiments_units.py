@@ -89,6 +89,7 @@ def test_check_command_line_accepts_defaults():
     (["+workload=poisson", "engine.threads=0"], "engine.threads"),
     (["+workload=gamma", "workload.burstiness=0"], "burstiness"),
     (["+workload=poisson", "model=nope"], "unknown model 'nope'"),
+    (["+workload=poisson", "model.path=/nowhere/checkpoint"], "model.path=/nowhere/checkpoint"),
 ])
 def test_check_command_line_rejects(overrides, message):
     with pytest.raises(ConfigError) as error:
