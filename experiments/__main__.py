@@ -1,4 +1,4 @@
-"""`python -m experiments {run,report,calibrate,compare}`: the experiment pipeline's commands.
+"""`python -m experiments {run,report,calibrate,compare,regress}`: the experiment pipeline's commands.
 
 run and calibrate are Hydra applications (overrides such as +workload=poisson engine.threads=4,
 -m for sweeps); report and compare take plain arguments (see --help of each).
@@ -16,6 +16,8 @@ commands:
   report     rebuild the summary, figures and report of a run folder (report RESULTS_DIR)
   calibrate  profile the engine and fit the simulator's cost model
   compare    put several runs side by side (compare DIR... [--out DIR])
+  regress    check performance ratios and prediction errors against results/baselines
+             (regress [--update-baseline])
 """
 
 
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         from experiments import compare
 
         compare.main(rest)
+    elif command == "regress":
+        from experiments import regress
+
+        sys.exit(regress.main(rest))
     else:
         print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -8,8 +8,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 logger = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -63,15 +61,28 @@ def resolve_model(model: str | os.PathLike) -> ModelSource:
 def _source_from_file(path: Path) -> ModelSource:
     if path.suffix == ".json":
         return ModelSource(path.stem, json.loads(path.read_text()), None)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _load_yaml(path)
     if "hf_config" not in data:
         raise ValueError(f"model config {path} has no 'hf_config' section")
     checkpoint = data.get("path")
     checkpoint_dir = Path(os.path.expandvars(str(checkpoint))).expanduser() if checkpoint else None
     if checkpoint_dir is not None and not (checkpoint_dir / "config.json").is_file():
-        logger.warning("checkpoint %s of model config %s not found; only its shape is used", checkpoint_dir, path)
-        checkpoint_dir = None
+        raise ValueError(
+            f"model config {path} points at checkpoint {checkpoint_dir}, which has no config.json; "
+            f"fix its 'path' (or the environment variable it names)"
+        )
     return ModelSource(data.get("name", path.stem), dict(data["hf_config"]), checkpoint_dir)
+
+
+def _load_yaml(path: Path) -> dict:
+    """Read a model config with OmegaConf, so `${oc.env:VAR}` resolves as it does under Hydra."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+    except OmegaConfBaseException as error:
+        raise ValueError(f"model config {path} could not be resolved: {error}") from None
 
 
 def has_weights(source: ModelSource) -> bool:
