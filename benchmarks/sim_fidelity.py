@@ -73,8 +73,12 @@ def make_workload(args):
     )
 
 
-def measure(args, batching: str, workload) -> tuple[dict, SchedulerConfig]:
-    """Replay the workload through a fresh engine in real time; return its summary and limits."""
+def measure(args, batching: str, workload) -> tuple[dict, SchedulerConfig, float]:
+    """Replay the workload through a fresh engine in real time.
+
+    Returns the summary, the scheduler limits and the CPU share while stepping: process CPU
+    seconds / seconds spent in steps. Below about 0.95 another process took the CPU.
+    """
     engine = LLMEngine(
         model=args.model, device="cpu", batching=batching, kv_allocation=args.kv_allocation,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -82,9 +86,11 @@ def measure(args, batching: str, workload) -> tuple[dict, SchedulerConfig]:
     warm_up_engine(engine, 8)
     vocab = engine.model.config.vocab_size
     prompt_ids = {spec.request_id: prompt_token_ids(spec, vocab) for spec in workload.requests}
+    cpu_start = time.process_time()
     requests, steps = replay_engine(engine, workload.requests, prompt_ids)
-    scheduler_config = engine.scheduler.config
-    return summarize(requests_frame(requests, "measured"), steps_frame(steps, "measured")), scheduler_config
+    cpu_share = (time.process_time() - cpu_start) / sum(step.duration for step in steps)
+    summary = summarize(requests_frame(requests, "measured"), steps_frame(steps, "measured"))
+    return summary, engine.scheduler.config, cpu_share
 
 
 def predict(scheduler_config: SchedulerConfig, workload, cost_model) -> dict:
@@ -119,13 +125,14 @@ def main(argv=None) -> int:
     results = {}
     for batching in args.batching:
         start = time.perf_counter()
-        measured, scheduler_config = measure(args, batching, workload)
+        measured, scheduler_config, cpu_share = measure(args, batching, workload)
         logger.info("measured %s batching in %.1f s", batching, time.perf_counter() - start)
         predicted = predict(scheduler_config, workload, cost_model)
         errors = prediction_errors(predicted, measured)
-        results[batching] = {"measured": measured, "predicted": predicted, "errors": errors}
+        results[batching] = {"measured": measured, "predicted": predicted, "errors": errors, "cpu_share": cpu_share}
 
-        print(f"\n{batching} batching, {args.kv_allocation} KV, {args.num_requests} requests at {args.rate} req/s")
+        print(f"\n{batching} batching, {args.kv_allocation} KV, {args.num_requests} requests at {args.rate} req/s; "
+              f"engine CPU share while stepping {cpu_share:.2f}")
         print(f"{'metric':<20}{'measured':>12}{'predicted':>12}{'error':>10}")
         for name in REPORTED:
             print(format_row(name, measured, predicted, errors[name]))

@@ -31,9 +31,9 @@ def run_to_end(scheduler: Scheduler, max_steps: int = 10_000) -> int:
 
 def assert_blocks_conserved(scheduler: Scheduler) -> None:
     manager = scheduler.block_manager
-    held = [b for r in scheduler.requests.values() for b in r.block_ids]
-    assert len(held) == len(set(held)), "a block is owned twice"
-    assert manager.num_free_blocks + len(held) == manager.num_blocks
+    owned = [b for r in scheduler.requests.values() for b in r.block_ids]
+    assert len(owned) == len(set(owned)), "a block is owned twice"
+    assert manager.num_free_blocks + len(owned) == manager.num_blocks
 
 
 def test_block_manager_allocates_on_demand():
@@ -76,13 +76,14 @@ def test_decode_and_prefill_mixed_in_one_step():
     assert output.num_decode_seqs == 1
     assert output.num_prefill_tokens == 6
     record = scheduler.step_records[-1]
-    assert record.num_decode_seqs == 1 and record.num_prefill_tokens == 6
+    assert record.num_decode_seqs == 1
+    assert record.num_prefill_tokens == 6
     assert record.sum_sq_prefill_tokens == 36
     assert record.num_context_tokens == 5 + 6
 
 
 def test_preemption_takes_newest_running_request():
-    # 3 requests of 4-token prompts fill 3 of 4 blocks; after the first token each needs a
+    # 3 requests of 4-token prompts fill 3 of 4 blocks. After the first token each needs a
     # second block, so r0 takes the free one and r1 forces the newest, r2, out.
     scheduler = Scheduler(SchedulerConfig(num_kv_blocks=4, block_size=4, max_num_batched_tokens=64))
     for i in range(3):

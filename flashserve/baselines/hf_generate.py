@@ -53,7 +53,7 @@ def run_hf_generate(
     """Serve `requests` (sorted by arrival) with static `generate()` batches; returns the shared records.
 
     `clock()` returns seconds since the start of the run; arrivals in the future are waited for.
-    Step records count the padded KV cache of the batch: every member holds the padded prompt
+    Step records count the padded KV cache of the batch: every member stores the padded prompt
     length plus the steps so far, so `kv_slots_allocated - kv_tokens_used` is padding waste.
     """
     if batch_size < 1:

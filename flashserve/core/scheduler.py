@@ -88,8 +88,8 @@ class Scheduler:
     arrival order (FCFS: the head of the queue blocks the rest) while the token budget,
     `max_num_seqs` and free blocks allow. A prompt longer than the remaining budget is split
     into chunks over several steps. When a running request needs a block and none is free, the
-    newest running request is preempted by recompute: its blocks are freed and it goes back to
-    the head of the waiting queue, to be prefilled again with its output so far.
+    newest running request is preempted by recompute. Its blocks are freed, and it goes back to
+    the head of the waiting queue to be prefilled again with its output so far.
     """
 
     def __init__(self, config: SchedulerConfig):
@@ -216,9 +216,9 @@ class Scheduler:
     def _form_static_batch(self) -> None:
         """Take the next batch: up to max_num_seqs waiting requests, in order, that fit in the cache together.
 
-        A batch reserves the blocks its members' prompts need (contiguous: prompt + max_tokens)
-        so that it is never larger than the cache can start; members that grow later may still
-        preempt each other under paged allocation.
+        A batch counts the blocks its members' prompts need (prompt + max_tokens under contiguous
+        allocation), so it is never larger than the cache can start. Under paged allocation,
+        members that grow later may still preempt each other.
         """
         free = self.block_manager.num_free_blocks
         for request in self.waiting:

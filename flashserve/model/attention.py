@@ -74,13 +74,13 @@ def build_group(
 
     if max_query_len == 1:
         pad_index = None
-        # a decode query sits at the last context position, so it sees every valid key
+        # a decode query is at the last context position, so it attends to every valid key
         mask = (positions.unsqueeze(0) < context).view(num_seqs, 1, 1, max_context_len)
     else:
         pad_index = torch.cat([torch.arange(b * max_query_len, b * max_query_len + n) for b, n in enumerate(query_lens)])
         query_pos = torch.tensor(starts).unsqueeze(1) + torch.arange(max_query_len).unsqueeze(0)  # [B, Q]
         mask = positions.view(1, 1, -1) <= query_pos.unsqueeze(-1)  # causal within the context
-        # NOTE: padded query rows get key 0 so that SDPA never sees a fully masked row (NaN); their
+        # NOTE: padded query rows get key 0 so that SDPA never gets a fully masked row (NaN); their
         # outputs are dropped.
         is_pad = torch.arange(max_query_len).unsqueeze(0) >= torch.tensor(query_lens).unsqueeze(1)
         mask = mask | (is_pad.unsqueeze(-1) & (positions.view(1, 1, -1) == 0))

@@ -16,7 +16,7 @@ LOAD_FORMATS = ("auto", "dummy")
 
 @dataclass
 class ModelSource:
-    """Where a model's config and (optionally) weights and tokenizer come from."""
+    """Source of a model's config, and optionally of its weights and tokenizer."""
 
     name: str
     hf_config: dict  # the contents of a Hugging Face config.json
@@ -117,7 +117,7 @@ def build_model(source: ModelSource, load_format: str, dtype, device, seed: int,
 
 
 def build_tokenizer(source: ModelSource):
-    """The checkpoint's own tokenizer, or a byte-level tokenizer for a model without one."""
+    """Load the checkpoint's own tokenizer, or build a byte-level one for a model without one."""
     from transformers import AutoTokenizer
 
     if source.checkpoint_dir is not None and (
@@ -132,7 +132,7 @@ BYTE_TOKENIZER_SPECIALS = ("<unk>", "<s>", "</s>")
 
 
 def byte_level_tokenizer(vocab_size: int):
-    """A tokenizer with one token per byte, after the specials <unk>=0, <s>=1, </s>=2.
+    """Build a tokenizer with one token per byte, after the specials <unk>=0, <s>=1, </s>=2.
 
     Any text round-trips exactly, so models with random weights need no vocabulary file.
     """

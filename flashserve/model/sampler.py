@@ -23,8 +23,8 @@ def sample(
 ) -> list[SampledToken]:
     """Sample one token per row of `logits` [N, vocab] under that row's SamplingParams.
 
-    `suppressed[i]` lists token ids that row i may not produce (EOS and stop token ids while
-    fewer than min_tokens tokens exist); log-probabilities are reported from the raw logits.
+    `suppressed[i]` lists token ids that row i may not produce: EOS and stop token ids while
+    fewer than min_tokens tokens exist. Log-probabilities are reported from the raw logits.
     """
     raw_logits = logits.float()
     logits = raw_logits
