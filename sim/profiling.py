@@ -357,8 +357,15 @@ def calibrate(
     start = time.perf_counter()
     cpu_start = time.process_time()
     steps = profile_engine(model, grid, num_threads=num_threads, **engine_options)
-    # CPU seconds per wall second while profiling: below the thread count, another process took the CPU
-    cpu_share = (time.process_time() - cpu_start) / (time.perf_counter() - start)
+    # CPU seconds per wall second outside the idle gaps. With one torch thread, a share well
+    # below 1 means that another process took the CPU while the engine ran.
+    busy_s = time.perf_counter() - start - grid.idle_gap_s * sum(step.after_idle for step in steps)
+    cpu_share = (time.process_time() - cpu_start) / busy_s
+    if torch.get_num_threads() == 1 and cpu_share < 0.9:
+        logger.warning(
+            "the profiling process got only %.2f CPU seconds per second: other processes took the CPU, so the "
+            "fit predicts slower steps than an idle machine runs; calibrate on an idle machine", cpu_share,
+        )
     options = {k: v for k, v in engine_options.items() if v is not None}
     defaults = EngineConfig()
     device = resolve_device(options.get("device", defaults.device))
