@@ -21,7 +21,8 @@ from flashserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | list[int]
+# a text, a list of token ids, or vLLM's dict form {"prompt": text} / {"prompt_token_ids": ids}
+PromptType = str | list[int] | dict
 
 
 @dataclass
@@ -119,12 +120,25 @@ class LLMEngine:
     # requests
 
     def tokenize(self, prompt: PromptType) -> list[int]:
+        """Token ids of a prompt; ValueError for an empty or malformed prompt or ids outside the vocabulary."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError(f"a dict prompt needs a 'prompt' or 'prompt_token_ids' key, got keys {sorted(prompt)}")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty; send at least one character or token id")
             return self.tokenizer.encode(prompt)
-        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not isinstance(prompt, (list, tuple)) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            raise ValueError(
+                f"a prompt must be a string, a list of integer token ids or a dict with 'prompt' or "
+                f"'prompt_token_ids', got {type(prompt).__name__}"
+            )
         vocab = self.model.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -133,7 +147,13 @@ class LLMEngine:
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError if the request can never be served."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
+        vocab = self.model.config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary [0, {vocab})")
         self.scheduler.validate(len(prompt_token_ids), params.max_tokens)
 
     def add_request(
@@ -160,12 +180,7 @@ class LLMEngine:
             ignore_eos=params.ignore_eos,
         )
         request = Request(request_id, prompt_token_ids, stop, self.now() if arrival_time is None else arrival_time)
-        self.scheduler.add_request(request)
-
-        if not params.is_greedy:
-            seed = params.seed if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}".encode())
-            self.runner.add_generator(request_id, seed)
-        self._states[request_id] = _RequestState(
+        state = _RequestState(
             request=request,
             params=params,
             prompt=prompt if isinstance(prompt, str) else None,
@@ -173,6 +188,17 @@ class LLMEngine:
             stream_text=stream or bool(params.stop),
             logprobs=[] if params.logprobs is not None else None,
         )
+
+        # NOTE: the scheduler takes the request last, so that an error above leaves nothing queued.
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else zlib.crc32(f"{self.config.seed}:{request_id}".encode())
+            self.runner.add_generator(request_id, seed)
+        try:
+            self.scheduler.add_request(request)
+        except ValueError:
+            self.runner.remove_generator(request_id)
+            raise
+        self._states[request_id] = state
         return request_id
 
     def abort_request(self, request_id: str) -> bool:
@@ -306,8 +332,10 @@ class LLM:
 
         All prompts are checked before any is queued, so a ValueError leaves the engine as it was.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -327,20 +355,30 @@ class LLM:
             except ValueError as error:
                 raise ValueError(f"prompt {index}: {error}") from None
 
-        request_ids = [engine.add_request(None, p, sp) for p, sp in zip(prompts, params_list)]
+        request_ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(request_ids), desc="generate", unit="req")
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if output.finished:
-                    final[output.request_id] = output
-                    engine.release(output.request_id)
-                    if progress is not None:
-                        progress.update(1)
-        if progress is not None:
-            progress.close()
+            progress = tqdm(total=len(prompts), desc="generate", unit="req")
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_ids.append(engine.add_request(None, prompt, params))
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        final[output.request_id] = output
+                        engine.release(output.request_id)
+                        if progress is not None:
+                            progress.update(1)
+        except BaseException:
+            # abort this call's requests so that the engine is usable again and every block is free
+            for request_id in request_ids:
+                engine.abort_request(request_id)
+                engine.release(request_id)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
         return [final[request_id] for request_id in request_ids]

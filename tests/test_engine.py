@@ -183,12 +183,17 @@ def test_request_larger_than_whole_cache_rejected(micro_llama):
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
     ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ({"top_k": -3}, "top_k"),
     ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ({"temperature": float("nan")}, "finite"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"max_tokens": True}, "max_tokens"),
 ])
 def test_invalid_sampling_values_rejected(options, message):
     with pytest.raises(ValueError, match=message):
@@ -337,3 +342,48 @@ def test_model_loads_weights_from_checkpoint(stories260k):
     ours = llm.engine.model.state_dict()
     for name, tensor in reference.state_dict().items():
         assert torch.equal(ours[name], tensor), name
+
+
+def test_vllm_dict_prompts(micro_llama):
+    llm = LLM(micro_llama, num_kv_blocks=64)
+    by_text = llm.generate({"prompt": "Birds sing"}, GREEDY)[0]
+    by_ids = llm.generate([{"prompt_token_ids": by_text.prompt_token_ids}], GREEDY)[0]
+    assert by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("prompts", [[None], 7, [[1, True, 3]], [{"text": "x"}]])
+def test_malformed_prompts_rejected(micro_llama, prompts):
+    llm = LLM(micro_llama, num_kv_blocks=16)
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate(prompts, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_stop_token_outside_vocabulary_rejected(micro_llama):
+    llm = LLM(micro_llama, num_kv_blocks=16)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate("hi", SamplingParams(stop_token_ids=[10_000]))
+
+
+def test_failed_step_leaves_engine_usable(micro_llama, monkeypatch):
+    llm = LLM(micro_llama, num_kv_blocks=64)
+    runner = llm.engine.runner
+    original = runner.execute
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(runner, "execute", broken)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        llm.generate(PROMPTS[:3], SamplingParams(temperature=0.7, seed=1, max_tokens=4))
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.scheduler.block_manager.num_free_blocks == 64
+
+    monkeypatch.setattr(runner, "execute", original)
+    outputs = llm.generate(PROMPTS[:3], GREEDY)
+    assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outputs)
+
+
+def test_unsupported_device_rejected(micro_llama):
+    with pytest.raises(ValueError, match="device"):
+        LLM(micro_llama, device="tpu")

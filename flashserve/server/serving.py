@@ -14,7 +14,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from flashserve.outputs import RequestOutput
-from flashserve.sampling_params import SamplingParams
+from flashserve.sampling_params import MAX_SEED, SamplingParams
 from flashserve.server.async_engine import AsyncEngine, EngineUnavailable, GenerationStream, SubmitItem
 from flashserve.server.protocol import (
     MAX_CHAT_TOP_LOGPROBS,
@@ -193,7 +193,7 @@ class OpenAIServing:
             for choice in range(n):
                 choice_params = params
                 if params.seed is not None and choice > 0:
-                    choice_params = replace(params, seed=params.seed + choice)
+                    choice_params = replace(params, seed=(params.seed + choice) % (MAX_SEED + 1))
                 items.append(SubmitItem(
                     request_id=f"{request_id}-{prompt_index}-{choice}",
                     prompt=prompt,
