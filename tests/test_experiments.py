@@ -199,7 +199,7 @@ def test_interrupted_run_renamed_failed(conf_dir, cost_file, tmp_path):
             if "stage: measured/continuous" in line:
                 break
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
+        process.communicate(timeout=60)  # keep reading stdout so the child never blocks on a full pipe
     finally:
         if process.poll() is None:
             process.kill()
