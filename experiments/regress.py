@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None, config: RegressConfig | None = None) -> 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     cfg = config or RegressConfig()
+    if not args.update_baseline and not args.baseline.is_file():
+        print(f"error: baseline {args.baseline} not found; create it with --update-baseline", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     measured = collect(cfg, args.out)

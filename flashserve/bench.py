@@ -46,7 +46,7 @@ def draw_lengths(trace: str | None, num_requests: int, max_model_len: int, seed:
         raise SystemExit("no trace given: pass --trace PATH or set FLASHSERVE_TRACE_DIR to the folder of "
                          "AzureLLMInferenceTrace_conv.csv")
     frame = read_azure_trace(trace)
-    rows = frame.iloc[rng.choice(len(frame), size=num_requests, replace=False)]
+    rows = frame.iloc[rng.choice(len(frame), size=num_requests, replace=num_requests > len(frame))]
     prompts = rows["ContextTokens"].to_numpy(dtype=float)
     outputs = rows["GeneratedTokens"].to_numpy(dtype=float)
     total = frame["ContextTokens"] + frame["GeneratedTokens"]
@@ -83,21 +83,31 @@ def run_hf(model, prompts: list[list[int]], outputs: np.ndarray, batch_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashserve.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flashserve.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="tiny-llama", help="model name in conf/model, config file or checkpoint dir")
     parser.add_argument("--trace", default=default_trace(), help="Azure trace CSV (default: $FLASHSERVE_TRACE_DIR/AzureLLMInferenceTrace_conv.csv)")
-    parser.add_argument("--num-requests", type=int, default=128)
+    parser.add_argument("--num-requests", type=int, default=128, help="requests, all submitted at once")
     parser.add_argument("--batch-size", type=int, default=32, help="max_num_seqs of the engine and generate() batch size")
     parser.add_argument("--max-model-len", type=int, default=1024, help="context that the trace lengths are scaled to, in tokens")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, pinned for every system")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per system; the median is reported")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled lengths, prompts and weights")
     args = parser.parse_args(argv)
+    for name in ("num_requests", "batch_size", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_model_len < 2:
+        parser.error(f"--max-model-len must be at least 2 tokens, got {args.max_model_len}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    prompt_lens, output_lens, note = draw_lengths(args.trace, args.num_requests, args.max_model_len, args.seed)
+    try:
+        prompt_lens, output_lens, note = draw_lengths(args.trace, args.num_requests, args.max_model_len, args.seed)
+        loader.resolve_model(args.model)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"workload: {note}; all arrive at once")
     print(f"  prompt tokens: mean {prompt_lens.mean():.0f}, max {prompt_lens.max()}; "
           f"output tokens: mean {output_lens.mean():.0f}, max {output_lens.max()}, total {output_lens.sum()}")
