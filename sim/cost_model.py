@@ -392,6 +392,8 @@ class RooflineCostModel(CostModel):
         """Blocks that fit in memory_capacity x memory_utilization after the weights."""
         hardware = self.hardware
         weights = self.model.num_params * DTYPE_BYTES[hardware.dtype]
+        # NOTE: activations and the runtime's workspace are not subtracted, so this cache is
+        # somewhat larger than an engine on this hardware would allocate.
         budget = hardware.memory_capacity * hardware.memory_utilization - weights
         num_blocks = int(budget // (self.model.kv_bytes_per_token * block_size))
         if num_blocks < 1:

@@ -5,9 +5,10 @@ The simulator drives the same `flashserve.core.Scheduler` (and its `BlockManager
 a duration. Two SimPy processes share one scheduler:
 
 - arrivals: submits each request at its arrival time; all requests of one instant at once;
-- engine: asks the scheduler for a step, waits the step's predicted duration, then applies it
+- engine: requests a step from the scheduler, waits its predicted duration, then applies it
   with `Scheduler.update` (every sampled token is id 0 and requests stop at max_tokens). With
-  nothing to run it waits for the next arrival instead of polling.
+  nothing to run it waits for the next arrival instead of polling, and the cost model is told
+  that the step after such a wait follows an idle period.
 
 Order at one simulated instant t: first every arrival at t is submitted, then the step that ends
 at t is applied (tokens, finishes), then the next step is scheduled. So a request arriving at t
@@ -55,7 +56,7 @@ class _ZeroTokens(dict):
 
 
 def make_request(spec: RequestSpec) -> Request:
-    """A scheduler request of `spec`'s lengths that stops at exactly `spec.output_len` tokens."""
+    """Build a scheduler request of `spec`'s lengths that stops at exactly `spec.output_len` tokens."""
     return Request(
         request_id=spec.request_id,
         prompt_token_ids=[0] * spec.prompt_len,
@@ -89,7 +90,7 @@ class _Simulation:
                 yield env.timeout(delay)
 
             # NOTE: specs at the same time (or, after float rounding, before now) go in together,
-            # so that the engine's check of next_arrival_at sees none left at this instant.
+            # so that the engine's check of next_arrival_at finds none left at this instant.
             while index < len(specs) and specs[index].arrival_time <= env.now:
                 scheduler.add_request(make_request(specs[index]))
                 index += 1
@@ -156,9 +157,9 @@ def simulate(
 ) -> SimResult:
     """Replay `workload_requests` through the scheduler with `cost_model` step times.
 
-    Requests must be served at all under `scheduler_config` (prompt + output within
-    max_model_len and the KV cache); otherwise ValueError names the first one that is not.
-    Returns the engine's request and step records, in simulated seconds from time 0.
+    Every request must fit `scheduler_config`: prompt + output within max_model_len and within
+    the KV cache. Otherwise ValueError names the first one that does not. Returns the engine's
+    request and step records, in simulated seconds from time 0.
     """
     specs = sorted(workload_requests, key=lambda spec: spec.arrival_time)
     scheduler = Scheduler(scheduler_config)
