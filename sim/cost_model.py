@@ -306,7 +306,7 @@ def model_shape(model: str, dtype: str = "bfloat16") -> ModelShape:
         intermediate = int(config["intermediate_size"])
         vocab = int(config["vocab_size"])
     except KeyError as error:
-        raise ValueError(f"model config of {source.name} lacks {error.args[0]!r}; the roofline needs a Llama-style config") from None
+        raise ValueError(f"model config of {source.name} is missing {error.args[0]!r}; the roofline needs a Llama-style config") from None
     tied = bool(config.get("tie_word_embeddings", False))
     model_type = config.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "qwen2"):
