@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 def replay(args: argparse.Namespace) -> int:
     from sim.cost_model import RooflineCostModel, load_cost_model, model_shape
 
+    for option in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise InputError(f"--{option.replace('_', '-')} must be a positive integer, got {value}")
+
     if args.cost_model == "fitted" and not args.cost_file:
         raise InputError("--cost-model fitted needs --cost-file; create one with `python -m sim calibrate --out PATH`")
     cost_model = load_cost_model(args.cost_model, path=args.cost_file, model=args.model, hardware=args.hardware)
@@ -112,7 +117,7 @@ def replay(args: argparse.Namespace) -> int:
         if fitted_model and fitted_model != shape.name:
             logger.warning("cost file %s was fitted on model %s, not %s", args.cost_file, fitted_model, shape.name)
 
-    max_model_len = args.max_model_len or shape.max_position_embeddings
+    max_model_len = shape.max_position_embeddings if args.max_model_len is None else args.max_model_len
     if args.num_kv_blocks is not None:
         num_kv_blocks, kv_source = args.num_kv_blocks, "--num-kv-blocks"
     elif isinstance(cost_model, RooflineCostModel):
