@@ -62,8 +62,8 @@ def calibrate(cfg: DictConfig, model_file: Path, out_path: Path) -> Path:
         hardware=(cfg.get("hardware") or {}).get("name"),
         block_size=engine.block_size,
         # NOTE: the profiling engine gets a cache sized from memory, not the run's num_kv_blocks,
-        # so that the grid's large decode batches are profiled too; a step's time depends on the
-        # contexts it reads, not on the size of the cache they sit in.
+        # so that the grid's large decode batches are profiled too. A step's time depends on the
+        # contexts it reads, not on the size of the cache they are in.
         num_kv_blocks=None,
         max_num_batched_tokens=engine.max_num_batched_tokens,
         max_model_len=engine.max_model_len,

@@ -9,8 +9,8 @@ Definitions follow vLLM's serving benchmark (benchmarks/benchmark_serving.py):
   output throughput = output tokens / duration.
 - goodput: completed requests per second that meet every SLO given (TTFT, TPOT, E2E).
 KV fragmentation is 1 - tokens stored / token slots allocated, averaged over steps weighted by
-step duration; it splits into internal (the unused tail of partly filled blocks) and
-reservation (blocks reserved ahead of need).
+step duration. It splits into internal fragmentation (the unused tail of partly filled blocks)
+and reservation (blocks reserved ahead of need).
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def summarize_steps(frame: pd.DataFrame) -> dict:
 
 
 def summarize(requests: pd.DataFrame, steps: pd.DataFrame, slo: SLO | None = None) -> dict:
-    """The summary of one system: request metrics plus step (KV) metrics."""
+    """Summarize one system: request metrics plus step (KV) metrics."""
     return {**summarize_requests(requests, slo), **summarize_steps(steps)}
 
 

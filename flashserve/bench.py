@@ -3,8 +3,8 @@
     python -m flashserve.bench [--trace PATH] [--num-requests 128] [--batch-size 32]
 
 Draws prompt and output lengths from the Azure LLM inference trace 2023 (conversation; Patel
-et al., "Splitwise", ISCA 2024, CC-BY 4.0), scales them to the model's context, submits every
-request at once, and serves the same requests with (a) this engine with continuous batching,
+et al., "Splitwise", ISCA 2024, CC-BY 4.0) and scales them to the model's context. Every request
+is submitted at once, and the same requests are served by (a) this engine with continuous batching,
 (b) this engine with static batching and (c) transformers `model.generate()` in static
 batches of the same size. Each system has its own model object with the same seeded weights.
 Every system is warmed up, the systems run in turn `--repeats` times, and the median of the

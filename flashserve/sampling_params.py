@@ -10,7 +10,7 @@ MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer
 
 @dataclass
 class SamplingParams:
-    """How one request samples and when it stops.
+    """Sampling and stopping options of one request.
 
     temperature: 0 means greedy decoding; higher values flatten the distribution. Default 1.0.
     top_p: keep the smallest set of tokens whose probability sums to at least top_p, in (0, 1].

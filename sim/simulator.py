@@ -7,8 +7,8 @@ a duration. Two SimPy processes share one scheduler:
 - arrivals: submits each request at its arrival time; all requests of one instant at once;
 - engine: requests a step from the scheduler, waits its predicted duration, then applies it
   with `Scheduler.update` (every sampled token is id 0 and requests stop at max_tokens). With
-  nothing to run it waits for the next arrival instead of polling, and the cost model is told
-  that the step after such a wait follows an idle period.
+  nothing to run it waits for the next arrival instead of polling, and the step after such a
+  wait is marked as following an idle period for the cost model.
 
 Order at one simulated instant t: first every arrival at t is submitted, then the step that ends
 at t is applied (tokens, finishes), then the next step is scheduled. So a request arriving at t
