@@ -29,6 +29,17 @@ ENGINE_OPTIONS = {
 }
 
 
+def tcp_port(text: str) -> int:
+    """Parse a TCP port number, rejecting values outside 1-65535 before the model loads."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}; use an integer in 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default="tiny-llama",
                        help="checkpoint directory, model config file, or a name in conf/model (default tiny-llama)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--port", type=tcp_port, default=8000, help="TCP port, 1-65535 (default 8000)")
     serve.add_argument("--served-model-name", nargs="+", default=None,
                        help="model names that requests may use (default: the --model value)")
     serve.add_argument("--batching", choices=BATCHING_POLICIES, default=None,
@@ -56,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard = commands.add_parser("dashboard", help="run the Streamlit dashboard")
     dashboard.add_argument("--server", default="http://127.0.0.1:8000", help="URL of a running flashserve server")
     dashboard.add_argument("--results", default="results/", help="folder of experiment results to show")
-    dashboard.add_argument("--port", type=int, default=8501, help="port of the dashboard (default 8501)")
+    dashboard.add_argument("--port", type=tcp_port, default=8501, help="port of the dashboard, 1-65535 (default 8501)")
     dashboard.add_argument("--host", default="127.0.0.1", help="address the dashboard listens on (default 127.0.0.1)")
     return parser
 

@@ -109,3 +109,11 @@ def test_serve_process_starts_answers_and_stops(micro_llama, tmp_path):
     assert "device=cpu" in text
     assert "rejected /v1/completions with 400" in text
     assert "server stopped" in text
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "http"])
+def test_serve_rejects_invalid_port(port, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--port", port])
+    assert exit_info.value.code == 2
+    assert "port" in capsys.readouterr().err
