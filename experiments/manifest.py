@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from flashserve.model.runner import cpu_name
+
 PACKAGES = (
     "flash-serve", "torch", "transformers", "tokenizers", "numpy", "pandas", "pyarrow", "simpy",
     "hydra-core", "omegaconf", "hydra-joblib-launcher", "matplotlib", "seaborn",
@@ -46,16 +48,6 @@ def package_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def cpu_name() -> str:
-    """Return the CPU model from /proc/cpuinfo where it exists, else platform.processor()."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def hardware() -> dict:

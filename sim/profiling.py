@@ -308,17 +308,12 @@ def hardware_name(device: str = "auto") -> str:
     """Return the GPU's name for a CUDA device, else the CPU model string."""
     import torch
 
-    from flashserve.model.runner import resolve_device
+    from flashserve.model.runner import cpu_name, resolve_device
 
     resolved = resolve_device(device)
     if resolved.type == "cuda":
         return torch.cuda.get_device_name(resolved)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def package_versions() -> dict[str, str]:

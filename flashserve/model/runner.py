@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import platform
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,16 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return resolved
+
+
+def cpu_name() -> str:
+    """Return the CPU model from /proc/cpuinfo where it exists, else platform.processor()."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
