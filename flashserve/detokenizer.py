@@ -54,7 +54,7 @@ class Detokenizer:
         return None
 
     def visible_text(self, finished: bool) -> str:
-        """The prefix of the text that is safe to send now."""
+        """Return the prefix of the text that is safe to send now."""
         if finished:
             return self.text
         end = len(self.text)
